@@ -1,0 +1,19 @@
+"""fairkernels: fused kernels and trainers for deep fair clustering (FCMI, DFC).
+
+    >>> import fairkernels as fk
+    >>> loss = fk.fcmi_loss(logits, groups)      # fused alpha * L_clu + beta * L_fair
+"""
+__version__ = "0.1.0"
+
+from fairkernels._backend import BACKENDS
+from fairkernels.ops import (batch_centroids, cosine_assign, dec_target, dfc_loss, fairness_matrix,
+                             fairoid_loss, fairoid_target, fairoids, fcmi_loss, fcmi_loss_from_embeddings,
+                             fcmi_terms, fcmi_terms_from_embeddings, joint_histogram, kl_div,
+                             mutual_information, student_t_assign)
+
+__all__ = [
+    "BACKENDS", "__version__", "batch_centroids", "cosine_assign", "dec_target", "dfc_loss",
+    "fairness_matrix", "fairoid_loss", "fairoid_target", "fairoids", "fcmi_loss",
+    "fcmi_loss_from_embeddings", "fcmi_terms", "fcmi_terms_from_embeddings", "joint_histogram", "kl_div",
+    "mutual_information", "student_t_assign",
+]

@@ -1,0 +1,119 @@
+"""The kernel interface, written in plain PyTorch.
+
+Every backend exposes these functions with the same names, positional signatures and output
+dtypes: the C++/CUDA extension as torch.ops.fairkernels.<name> (schemas in csrc/ops.cpp) and
+the Triton kernels as fairkernels.triton.<name>. The autograd.Functions in fairkernels.ops call
+them through `fairkernels.ops._dispatch.kernels(backend)`, so one backward formula serves all
+backends. "acc" below is float64 for float64 inputs and float32 otherwise (SPEC 7).
+
+These bodies materialise N x K temporaries: they are the executable specification of the
+interface (and the "reference" backend's kernels under torch.distributed), not a fast path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fairkernels.reference import NORM_EPS, _acc_dtype
+
+
+# --------------------------------------------------------------------------- fcmi (SPEC 3)
+def fcmi_fwd(logits, groups, num_groups: int, deterministic: bool = False):
+    """-> (lse[N] acc, joint[T,K] acc = sum_{i in t} c_ik, ent_sum[] acc = sum_ik c_ik log c_ik)."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    lse = torch.logsumexp(x, dim=1)
+    log_c = x - lse[:, None]
+    c = log_c.exp()
+    joint = torch.zeros(num_groups, x.shape[1], dtype=x.dtype, device=x.device)
+    joint.index_add_(0, groups.long(), c)
+    return lse, joint, (c * log_c).sum()
+
+
+def fcmi_bwd(logits, groups, lse, table, logc_coef, deterministic: bool = False):
+    """grad_ik = c_ik (G_ik - sum_k' c_ik' G_ik') with G_ik = table[g_i, k] - logc_coef * log c_ik."""
+    x = logits.to(lse.dtype)
+    log_c = x - lse[:, None]
+    c = log_c.exp()
+    g = table[groups.long()] - logc_coef * log_c
+    return (c * (g - (c * g).sum(1, keepdim=True))).to(logits.dtype)
+
+
+# --------------------------------------------------------------------------- histogram (SPEC 2.1)
+def histogram_fwd(probs, groups, weights, num_groups: int, deterministic: bool = False):
+    """-> joint[T,K] acc, J_tk = sum_{g_i = t} w_i P_ik."""
+    rows = probs.to(_acc_dtype(probs.dtype))
+    if weights is not None:
+        rows = rows * weights.to(rows.dtype)[:, None]
+    joint = torch.zeros(num_groups, probs.shape[1], dtype=rows.dtype, device=probs.device)
+    return joint.index_add_(0, groups.long(), rows)
+
+
+def histogram_bwd(grad_joint, groups, weights):
+    """-> grad_probs[N,K] (grad_joint's dtype): dL/dP_ik = w_i dL/dJ_{g_i k}."""
+    grad = grad_joint[groups.long()]
+    if weights is not None:
+        grad = grad * weights.to(grad.dtype)[:, None]
+    return grad
+
+
+# --------------------------------------------------------------------------- Student-t (SPEC 1.1)
+def _sq_dist(z, centers):
+    acc = _acc_dtype(z.dtype)
+    za, ca = z.to(acc), centers.to(acc)
+    return ((za * za).sum(1, keepdim=True) + (ca * ca).sum(1) - 2.0 * za @ ca.t()).clamp_min(0.0)
+
+
+def student_t_fwd(z, centers, alpha: float):
+    """-> q[N,K] in z's dtype."""
+    log_w = -(alpha + 1.0) / 2.0 * torch.log1p(_sq_dist(z, centers) / alpha)
+    return torch.softmax(log_w, dim=1).to(z.dtype)
+
+
+def student_t_bwd(grad_q, q, z, centers, alpha: float):
+    """-> (grad_z[N,d], grad_centers[K,d]) by the SPEC 1.1 backward (two matrix products)."""
+    acc = _acc_dtype(z.dtype)
+    qa, ga = q.to(acc), grad_q.to(acc)
+    s = qa * (ga - (qa * ga).sum(1, keepdim=True))
+    coef = s * (-(alpha + 1.0) / 2.0) / (alpha + _sq_dist(z, centers))
+    za, ca = z.to(acc), centers.to(acc)
+    grad_z = 2.0 * (coef.sum(1, keepdim=True) * za - coef @ ca)
+    grad_centers = -2.0 * (coef.t() @ za - coef.sum(0)[:, None] * ca)
+    return grad_z.to(z.dtype), grad_centers.to(centers.dtype)
+
+
+# --------------------------------------------------------------------------- cosine (SPEC 1.2)
+def normalize_backward(x, x_unit, grad_unit):
+    """Gradient through x / max(||x||, eps) given the unit vectors and dL/d(unit)."""
+    norm = x.norm(dim=1, keepdim=True)
+    radial = (x_unit * grad_unit).sum(1, keepdim=True) * x_unit
+    radial = torch.where(norm > NORM_EPS, radial, torch.zeros_like(radial))
+    return (grad_unit - radial) / norm.clamp_min(NORM_EPS)
+
+
+def cosine_fwd(h, centers, tau: float):
+    """-> c[N,K] in h's dtype."""
+    acc = _acc_dtype(h.dtype)
+    hu = F.normalize(h.to(acc), dim=1, eps=NORM_EPS)
+    cu = F.normalize(centers.to(acc), dim=1, eps=NORM_EPS)
+    return torch.softmax(hu @ cu.t() / tau, dim=1).to(h.dtype)
+
+
+def cosine_bwd(grad_c, c, h, centers, tau: float):
+    """-> (grad_h[N,d], grad_centers[K,d])."""
+    acc = _acc_dtype(h.dtype)
+    ca, ga = c.to(acc), grad_c.to(acc)
+    grad_s = ca * (ga - (ca * ga).sum(1, keepdim=True)) / tau
+    ha, ua = h.to(acc), centers.to(acc)
+    hu = F.normalize(ha, dim=1, eps=NORM_EPS)
+    uu = F.normalize(ua, dim=1, eps=NORM_EPS)
+    grad_h = normalize_backward(ha, hu, grad_s @ uu)
+    grad_centers = normalize_backward(ua, uu, grad_s.t() @ hu)
+    return grad_h.to(h.dtype), grad_centers.to(centers.dtype)
+
+
+# --------------------------------------------------------------------------- k-means
+def kmeans_assign(x, centers):
+    """-> (labels[N] int64, min_sq_dist[N] acc): nearest center by squared Euclidean distance."""
+    dist = _sq_dist(x, centers)
+    min_dist, labels = dist.min(1)
+    return labels, min_dist
