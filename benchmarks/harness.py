@@ -46,7 +46,7 @@ COMPILED = "torch.compile"
 MIN_REPS = 5
 WARMUP_RUNS = 1
 # The copy used to measure the device's achievable bandwidth (bytes of the source tensor).
-COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30, "quick": 16 << 20}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -144,9 +144,9 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = MIN_REPS
     return statistics.median(samples)
 
 
-def copy_bandwidth_gbps(device: torch.device, reps: int = MIN_REPS) -> float:
+def copy_bandwidth_gbps(device: torch.device, reps: int = MIN_REPS, quick: bool = False) -> float:
     """GB/s of torch.empty_like(x).copy_(x) on a large tensor: one read plus one write."""
-    nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    nbytes = COPY_BYTES["quick" if quick else device.type if device.type == "cuda" else "cpu"]
     source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     ms = time_ms(lambda: torch.empty_like(source).copy_(source), device, reps)
     del source
@@ -211,7 +211,7 @@ def run_cases(family: str, cases: list[Case], args) -> list[dict]:
     """Time every case on every backend, print a line per measurement, append the CSV rows."""
     device = torch.device(args.device)
     env = environment(device)
-    copy_gbps = copy_bandwidth_gbps(device, args.reps)
+    copy_gbps = copy_bandwidth_gbps(device, args.reps, args.quick)
     print(f"# {family}: {env['device']}, {env['threads']} threads, copy bandwidth {copy_gbps:.1f} GB/s")
     rows = []
     for case in cases:
@@ -247,9 +247,8 @@ def run_cases(family: str, cases: list[Case], args) -> list[dict]:
                 row = dict(env, op=case.op, backend=backend, dtype=str(case.dtype).replace("torch.", ""),
                            n=case.n, k=case.k, t="" if case.t is None else case.t,
                            d="" if case.d is None else case.d, **{"pass": pass_name},
-                           ms=round(ms, 4), gbps=round(gbps, 3), frac_copy_bw=round(gbps / copy_gbps, 4),
-                           peak_mb=peak,
-                           speedup_vs_reference="" if reference_ms is None else round(reference_ms / ms, 3))
+                           ms=_sig(ms), gbps=_sig(gbps), frac_copy_bw=_sig(gbps / copy_gbps), peak_mb=peak,
+                           speedup_vs_reference="" if reference_ms is None else _sig(reference_ms / ms))
                 rows.append(row)
                 print(f"{case.op:<28} {backend:<14} {pass_name:<8} n={case.n} k={case.k} t={row['t']} "
                       f"d={row['d']}  {ms:9.3f} ms  {gbps:8.2f} GB/s  x{row['speedup_vs_reference']}")
@@ -257,6 +256,11 @@ def run_cases(family: str, cases: list[Case], args) -> list[dict]:
         gc.collect()
     write_rows(os.path.join(args.out_dir, f"{family}.csv"), rows)
     return rows
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    """Round to significant digits (tiny quick-run bandwidths must not round to 0)."""
+    return float(f"{value:.{digits}g}")
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
