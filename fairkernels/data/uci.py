@@ -46,9 +46,8 @@ def load_adult(root=None, split: str = "all", group_column="sex",
     def income_above_50k(labels: np.ndarray) -> np.ndarray:
         return (np.char.rstrip(labels.astype(str), ".") == ">50K").astype(np.int64)
 
-    data = rows_to_dataset(ADULT_COLUMNS, rows, group_column, "income", drop_columns,
+    return rows_to_dataset(ADULT_COLUMNS, rows, group_column, "income", drop_columns,
                            label_transform=income_above_50k, source=f"UCI Adult ({split})")
-    return data
 
 
 def _har_folder(root: Path) -> Path:
