@@ -202,8 +202,7 @@ def nmi(y, pred) -> float:
     pred = _as_labels(pred, "pred")
     _check_lengths(y=y, pred=pred)
     score = float(normalized_mutual_info_score(y, pred, average_method="arithmetic"))
-    # sklearn clips the mutual information at 0; rounding can still leave a -0.0 or NaN-free tiny
-    # negative only through the ratio, so clamp once here.
+    # Keep float rounding of the ratio (e.g. 1 + 1e-16 for identical partitions) inside [0, 1].
     return min(max(score, 0.0), 1.0) if math.isfinite(score) else 0.0
 
 
