@@ -89,7 +89,7 @@ def partial_slots(programs: int, deterministic: bool) -> int:
 def log1p_pos(x):
     """log(1 + x) for x >= 0 without cancellation (Goldberg: log(u) * x / (u - 1), u = 1 + x)."""
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit
