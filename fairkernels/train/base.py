@@ -1,0 +1,262 @@
+"""The training loop every method shares: seeding, per-epoch phases, batches from BatchStream,
+loss terms accumulated on the device (one host sync per epoch), non-finite detection, per-epoch
+metrics and history, atomic checkpoints after every epoch and resume.
+
+A method subclasses Trainer and supplies: build_model, phase(epoch), parameters(phase),
+begin_epoch, batch_losses, end_epoch (predictions on the whole set, or None) and predict_embeddings.
+"""
+from __future__ import annotations
+
+import abc
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fairkernels import metrics
+from fairkernels.train import checkpoint as ckpt
+from fairkernels.train.config import TrainConfig
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the epoch, the term and the checkpoint."""
+
+
+def as_float_tensor(X, name: str = "X") -> torch.Tensor:
+    if isinstance(X, torch.Tensor):
+        tensor = X.detach().to("cpu", torch.float32)
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a numeric array, got {type(X).__name__}") from err
+    if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D array [N, D], got shape {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return tensor
+
+
+def as_group_tensor(groups, num_rows: int, name: str = "groups") -> tuple[torch.Tensor, int]:
+    values = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    if values.ndim != 1 or values.shape[0] != num_rows:
+        raise ValueError(f"{name} must be a vector of length {num_rows}, got shape {values.shape}")
+    if values.dtype.kind not in "iub":
+        if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+            values = values.astype(np.int64)
+        else:
+            raise TypeError(f"{name} must hold integers, got dtype {values.dtype}")
+    if values.min() < 0:
+        raise ValueError(f"{name} must be >= 0, found {values.min()}")
+    return torch.as_tensor(values.astype(np.int64)), int(values.max()) + 1
+
+
+@torch.no_grad()
+def encode_all(model, X: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Embeddings of every row in eval mode, chunk by chunk (BatchNorm uses running stats)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model.encode(X[start:start + chunk_size]) for start in range(0, X.shape[0], chunk_size)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def argmax_cosine(h: torch.Tensor, centers: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """argmax_k cos(h_i, u_k) = argmax_k <h_i, u_k / ||u_k||> (the ||h_i|| factor does not
+    change the argmax), chunk by chunk: never an N x K matrix."""
+    unit = F.normalize(centers, dim=1)
+    return torch.cat([(h[s:s + chunk_size] @ unit.t()).argmax(1) for s in range(0, h.shape[0], chunk_size)])
+
+
+@torch.no_grad()
+def nearest_center(z: torch.Tensor, centers: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """argmin_k ||z_i - mu_k||^2 (= argmax of the Student-t q), chunked."""
+    half_sq = 0.5 * centers.square().sum(1)
+    return torch.cat([(z[s:s + chunk_size] @ centers.t() - half_sq).argmax(1)
+                      for s in range(0, z.shape[0], chunk_size)])
+
+
+class Trainer(abc.ABC):
+    """Base trainer; see the module docstring for what a method supplies."""
+
+    def __init__(self, config: TrainConfig):
+        config.validate()
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = None
+        self.history: list[dict] = []
+        self.state: dict = {}
+        self.labels_ = None
+        self.num_groups = None
+        self.epochs_run = 0
+
+    # ------------------------------------------------------------------ method hooks
+    @property
+    def total_epochs(self) -> int:
+        return self.config.epochs
+
+    @abc.abstractmethod
+    def build_model(self, input_dim: int, num_groups: int):
+        """The method's autoencoder for rows of input_dim features and num_groups groups."""
+
+    def phase(self, epoch: int) -> str:
+        return "train"
+
+    def parameters(self, phase: str):
+        return self.model.parameters()
+
+    def make_optimizer(self, phase: str):
+        return torch.optim.Adam(self.parameters(phase), lr=self.config.lr)
+
+    def begin_epoch(self, epoch: int, phase: str, X: torch.Tensor, groups: torch.Tensor) -> None:
+        """Epoch-level state (centers, targets) computed before the first batch."""
+
+    @abc.abstractmethod
+    def batch_losses(self, phase: str, index, x, groups):
+        """-> (loss to minimise, dict of named 0-dim loss terms for the history)."""
+
+    def end_epoch(self, epoch: int, phase: str, X: torch.Tensor, groups: torch.Tensor):
+        """Predicted labels (tensor on the device) for the whole set, or None."""
+        return None
+
+    @abc.abstractmethod
+    def finalize(self, X: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Final labels of the training set."""
+
+    @abc.abstractmethod
+    def predict_embeddings(self, z: torch.Tensor) -> torch.Tensor:
+        """Cluster labels of embeddings z with the fitted centers."""
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, X, groups, y=None):
+        cfg = self.config
+        X_cpu = as_float_tensor(X)
+        groups_cpu, num_groups = as_group_tensor(groups, X_cpu.shape[0])
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape != (X_cpu.shape[0],):
+                raise ValueError(f"y must be a vector of length {X_cpu.shape[0]}, got shape {y.shape}")
+        X_dev, groups_dev = X_cpu.to(self.device), groups_cpu.to(self.device)
+        groups_np = groups_cpu.numpy()
+        self.num_groups = num_groups
+        ckpt.seed_everything(cfg.seed)
+        self.model = self.build_model(X_cpu.shape[1], num_groups).to(self.device)
+        self.history, self.state = [], {}
+        start_epoch, saved_optimizer, saved_phase = 0, None, None
+        path = ckpt.checkpoint_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        if cfg.resume and path and os.path.exists(path):
+            start_epoch, saved_optimizer, saved_phase = self._restore(ckpt.load(path, self.device), X_cpu, num_groups)
+
+        from fairkernels.data.stream import BatchStream
+        stream = BatchStream(X_dev, groups_dev, cfg.batch_size, shuffle=True, seed=cfg.seed, device=self.device)
+        optimizer, optimizer_phase = None, None
+        epoch_bar = tqdm(range(start_epoch, self.total_epochs), desc=type(self).__name__, disable=not cfg.progress,
+                         initial=start_epoch, total=self.total_epochs, file=sys.stderr)
+        for epoch in epoch_bar:
+            started = time.perf_counter()
+            phase = self.phase(epoch)
+            self.begin_epoch(epoch, phase, X_dev, groups_dev)
+            if phase != optimizer_phase:
+                optimizer, optimizer_phase = self.make_optimizer(phase), phase
+                if saved_optimizer is not None and saved_phase == phase:
+                    optimizer.load_state_dict(saved_optimizer)
+                saved_optimizer = None
+            terms = self._run_epoch(epoch, phase, stream, optimizer)
+            self._check_finite(epoch, terms, path)
+            pred = self.end_epoch(epoch, phase, X_dev, groups_dev)
+            record = {"epoch": epoch, "phase": phase, **terms}
+            if pred is not None:
+                record.update(metrics.evaluate(y, pred.cpu().numpy(), groups_np, num_groups=num_groups))
+            record["seconds"] = time.perf_counter() - started
+            self.history.append(record)
+            if cfg.verbose:
+                tqdm.write(_format_record(record, self.total_epochs), file=sys.stderr)
+            if path:
+                self._save(path, epoch, optimizer, phase)
+            self.epochs_run += 1
+        epoch_bar.close()
+        self.labels_ = self.finalize(X_dev, groups_dev).cpu().numpy()
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        self._check_fitted()
+        X_dev = as_float_tensor(X).to(self.device)
+        return encode_all(self.model, X_dev, self.config.eval_chunk_size).cpu().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        self._check_fitted()
+        X_dev = as_float_tensor(X).to(self.device)
+        z = encode_all(self.model, X_dev, self.config.eval_chunk_size)
+        return self.predict_embeddings(z).cpu().numpy()
+
+    # ------------------------------------------------------------------ internals
+    def _check_fitted(self) -> None:
+        if self.model is None or self.labels_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(X, groups) first")
+
+    def _run_epoch(self, epoch: int, phase: str, stream, optimizer) -> dict:
+        self.model.train()
+        stream.set_epoch(epoch)
+        sums, names, num_batches = None, None, 0
+        for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not self.config.progress,
+                                file=sys.stderr):
+            loss, terms = self.batch_losses(phase, index, x, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Accumulate on the device; the host reads the sums once, at the end of the epoch.
+            values = torch.stack([value.detach().float() for value in terms.values()])
+            sums = values if sums is None else sums + values
+            names = list(terms)
+            num_batches += 1
+        if sums is None:
+            return {}
+        return dict(zip(names, (sums / num_batches).tolist()))
+
+    def _check_finite(self, epoch: int, terms: dict, path) -> None:
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                last = f"the last good checkpoint is {path} (epoch {epoch - 1})" if path and epoch > 0 and \
+                    os.path.exists(path) else "no checkpoint was written before it"
+                raise NonFiniteLossError(
+                    f"epoch {epoch}: loss term '{name}' became non-finite (epoch mean {value}); training stopped "
+                    f"and {last}. Lower the learning rate or check the input data.")
+
+    def _save(self, path: str, epoch: int, optimizer, phase: str) -> None:
+        ckpt.save_atomic({
+            "format": 1, "trainer": type(self).__name__, "epoch": epoch, "phase": phase,
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "state": {key: value for key, value in self.state.items()}, "history": self.history,
+            "rng": ckpt.rng_state(), "config": asdict(self.config), "num_groups": self.num_groups,
+        }, path)
+
+    def _restore(self, saved: dict, X_cpu: torch.Tensor, num_groups: int):
+        if saved.get("trainer") != type(self).__name__:
+            raise ValueError(f"checkpoint was written by {saved.get('trainer')}, not {type(self).__name__}")
+        if saved.get("num_groups") != num_groups:
+            raise ValueError(f"checkpoint has {saved.get('num_groups')} groups but the data has {num_groups}")
+        self.model.load_state_dict(saved["model"])
+        self.state = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                      for key, value in saved["state"].items()}
+        self.after_restore()
+        self.history = list(saved["history"])
+        ckpt.set_rng_state(saved["rng"])
+        return saved["epoch"] + 1, saved["optimizer"], saved["phase"]
+
+    def after_restore(self) -> None:
+        """Rebuild objects derived from self.state (e.g. trainable centers)."""
+
+
+def _format_record(record: dict, total: int) -> str:
+    skip = {"epoch", "phase", "seconds"}
+    parts = [f"{key}={value:.4g}" for key, value in record.items() if key not in skip]
+    return f"epoch {record['epoch'] + 1}/{total} [{record['phase']}] " + " ".join(parts) + \
+        f" ({record['seconds']:.1f}s)"

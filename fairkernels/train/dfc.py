@@ -1,0 +1,154 @@
+"""DFC trainer (Wang & Davidson 2019) and, from the same code, DEC and AE + k-means.
+
+Schedule (one global epoch counter, so checkpoints and resume cover every stage):
+  pretrain-<i>  greedy layer-wise denoising pretraining of SDAE layer i (pretrain_epochs each)
+  finetune      end-to-end reconstruction of the whole SDAE (finetune_epochs)
+  cluster       KL(P||Q) + gamma KL(Psi||Phi) on the encoder and the centroids mu (epochs;
+                skipped by ae-km). mu starts from k-means++ on the embeddings; the DEC target P
+                is refreshed from the whole set every update_interval iterations; the fairoids
+                are kept as state so a group absent from a batch keeps its last value.
+DEC is gamma = 0. AE + k-means clusters the fine-tuned embeddings with k-means.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fairkernels as fk
+from fairkernels.models import StackedAutoencoder
+from fairkernels.train.base import Trainer, encode_all, nearest_center
+from fairkernels.train.config import DFCConfig
+
+
+class DFCTrainer(Trainer):
+    def __init__(self, config: DFCConfig | None = None, **overrides):
+        super().__init__(config if config is not None else DFCConfig(**overrides))
+        self.mu = None
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def depth(self) -> int:
+        return len(self.model.encoder_layers) if self.model is not None else 4
+
+    @property
+    def pretrain_total(self) -> int:
+        return self.depth * self.config.pretrain_epochs + self.config.finetune_epochs
+
+    @property
+    def total_epochs(self) -> int:
+        cluster_epochs = 0 if self.config.method == "ae-km" else self.config.epochs
+        return self.pretrain_total + cluster_epochs
+
+    def phase(self, epoch: int) -> str:
+        layerwise = self.depth * self.config.pretrain_epochs
+        if epoch < layerwise:
+            return f"pretrain-{epoch // self.config.pretrain_epochs}"
+        return "finetune" if epoch < self.pretrain_total else "cluster"
+
+    def build_model(self, input_dim: int, num_groups: int):
+        cfg = self.config
+        return StackedAutoencoder(input_dim, cfg.embedding_dim, width=cfg.width, dropout=cfg.dropout)
+
+    def parameters(self, phase: str):
+        if phase.startswith("pretrain-"):
+            layer = int(phase.split("-")[1])
+            return list(self.model.encoder_layers[layer].parameters()) + \
+                list(self.model.decoder_layers[layer].parameters())
+        if phase == "finetune":
+            return list(self.model.parameters())
+        return list(self.model.encoder_layers.parameters()) + [self.mu]
+
+    def make_optimizer(self, phase: str):
+        cfg = self.config
+        if phase == "cluster":
+            return torch.optim.SGD(self.parameters(phase), lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(self.parameters(phase), lr=cfg.pretrain_lr)
+
+    # ------------------------------------------------------------------ epochs
+    def begin_epoch(self, epoch, phase, X, groups):
+        self._full_X = X          # refresh_target needs the whole set mid-epoch
+        if phase == "cluster" and self.mu is None:
+            self.state["mu"] = self.kmeans_centers(X, epoch)
+            self.state["iteration"] = 0
+            self.after_restore()
+
+    def after_restore(self):
+        if "mu" in self.state:
+            self.mu = torch.nn.Parameter(self.state["mu"].detach().clone())
+
+    def kmeans_centers(self, X, epoch) -> torch.Tensor:
+        from fairkernels.kmeans import kmeans
+        cfg = self.config
+        z = encode_all(self.model, X, cfg.eval_chunk_size)
+        return kmeans(z, cfg.n_clusters, init="k-means++", n_iter=cfg.kmeans_iter, seed=cfg.seed + epoch,
+                      deterministic=cfg.deterministic).centers.to(z.dtype)
+
+    @torch.no_grad()
+    def refresh_target(self, X):
+        """DEC target P over the whole set from the current Q (SPEC 4); f_k needs every row."""
+        cfg = self.config
+        z = encode_all(self.model, X, cfg.eval_chunk_size)
+        q = fk.student_t_assign(z, self.mu.detach(), cfg.alpha, backend=cfg.backend)
+        self.state["target"] = fk.dec_target(q, backend=cfg.backend)
+
+    def batch_losses(self, phase, index, x, groups):
+        cfg = self.config
+        if phase.startswith("pretrain-"):
+            layer = int(phase.split("-")[1])
+            with torch.no_grad():
+                inputs = self.model.encode(x, upto=layer)
+            corrupted = F.dropout(inputs, cfg.dropout, training=True)
+            rebuilt = self.model.decode_layer(layer, self.model.encode_layer(layer, corrupted))
+            l_rec = F.mse_loss(rebuilt, inputs)
+            return l_rec, {"rec": l_rec}
+        if phase == "finetune":
+            _, x_hat = self.model(x)
+            l_rec = F.mse_loss(x_hat, x)
+            return l_rec, {"rec": l_rec}
+        if self.state["iteration"] % cfg.update_interval == 0:
+            self.refresh_target(self._full_X)
+        self.state["iteration"] += 1
+        z = self.model.encode(x)
+        q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend)
+        loss, l_cl, l_fr, fairoids = fk.dfc_loss(q, z, groups, self.num_groups, cfg.effective_gamma, cfg.alpha,
+                                                 cfg.beta, target=self.state["target"][index],
+                                                 previous_fairoids=self.state.get("fairoids"),
+                                                 backend=cfg.backend, check_inputs=False)
+        self.state["fairoids"] = fairoids
+        return loss, {"kl": l_cl, "fair": l_fr, "loss": loss}
+
+    def _run_epoch(self, epoch, phase, stream, optimizer):
+        terms = super()._run_epoch(epoch, phase, stream, optimizer)
+        if self.mu is not None:
+            self.state["mu"] = self.mu.detach()
+        return terms
+
+    def fit(self, X, groups, y=None):
+        self.mu = None
+        return super().fit(X, groups, y)
+
+    def end_epoch(self, epoch, phase, X, groups):
+        if phase.startswith("pretrain-"):
+            return None           # the embedding is incomplete until every layer is trained
+        z = encode_all(self.model, X, self.config.eval_chunk_size)
+        if phase == "finetune":
+            self.state["kmeans_centers"] = self.kmeans_centers(X, epoch)
+            return nearest_center(z, self.state["kmeans_centers"], self.config.eval_chunk_size)
+        return self.predict_embeddings(z)
+
+    def finalize(self, X, groups):
+        if self.config.method == "ae-km" or self.mu is None:
+            self.state["kmeans_centers"] = self.kmeans_centers(X, self.total_epochs)
+        z = encode_all(self.model, X, self.config.eval_chunk_size)
+        return self.predict_embeddings(z)
+
+    def predict_embeddings(self, z):
+        centers = self.mu.detach() if self.mu is not None and self.config.method != "ae-km" \
+            else self.state["kmeans_centers"]
+        return nearest_center(z, centers, self.config.eval_chunk_size)
+
+    @property
+    def cluster_centers_(self):
+        centers = self.mu.detach() if self.mu is not None and self.config.method != "ae-km" \
+            else self.state["kmeans_centers"]
+        return centers.cpu().numpy()
