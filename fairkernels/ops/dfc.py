@@ -115,6 +115,11 @@ def dfc_loss(q, z, groups, num_groups=None, gamma=1.0, alpha=1.0, beta=1000.0, t
         raise ValueError(f"z has {z.shape[0]} rows but q has {q.shape[0]}")
     num_groups = _checks.check_groups(groups, q.shape[0], q, num_groups, check_inputs)
     gamma = _checks.check_real(gamma, "gamma")
+    alpha = _checks.check_positive(alpha, "alpha")
+    beta = _checks.check_positive(beta, "beta")
+    if previous_fairoids is not None and tuple(previous_fairoids.shape) != (num_groups, z.shape[1]):
+        raise ValueError(f"previous_fairoids must have shape {(num_groups, z.shape[1])}, "
+                         f"got {tuple(previous_fairoids.shape)}")
     if target is None:
         target = dec_target(q, backend=backend, check_inputs=check_inputs)
     l_cl = kl_div(target, q, backend=backend, check_inputs=check_inputs)
