@@ -106,7 +106,7 @@ def _fcmi_fwd_kernel(
 @triton.jit
 def _fcmi_row_gradient(x, lse, groups, offs_k, mask, TABLE_ptr, K, logc_coef):
     """c and G_ik = table[g_i, k] - logc_coef * log c_ik for one tile (zero where masked)."""
-    log_c = x - lse[:, None]
+    log_c = tl.where(mask, x - lse[:, None], 0.0)
     c = tl.where(mask, tl.exp(log_c), 0.0)
     table = tl.load(TABLE_ptr + groups.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
     return c, tl.where(mask, table - logc_coef * log_c, 0.0)

@@ -1,0 +1,390 @@
+"""Triton kernels (fairkernels/triton) against the plain-torch kernel interface and the reference.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), where every program
+instance costs about a millisecond: shapes are small and the `small_blocks` fixture shrinks the
+tiles so that the K-tiled, multi-row-tile and multi-program paths all run. The GPU class at the
+end holds the full sweep (fp16/bf16, N*K > 2^31, bitwise determinism, torch.compile)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fairkernels as fk
+from fairkernels import _backend, reference
+from fairkernels.ops import fcmi as fcmi_ops
+from fairkernels.ops import torch_kernels as tk
+from tests.helpers import assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(
+    _backend.unavailable_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                torch.float32, "fcmi") is not None,
+    reason="triton cannot run here (not installed, or no GPU and TRITON_INTERPRET unset)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [(torch.float32, 2e-5), (torch.float64, 1e-12)]
+
+
+def _triton():
+    from fairkernels import triton as fk_triton
+    return fk_triton
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiles of 16 columns and 16 rows: K > 16 takes the online-logsumexp path, N > 16 several
+    row tiles per program, and the 4 interpreter programs all get work."""
+    from fairkernels.triton import _common
+    monkeypatch.setattr(_common, "MAX_BLOCK_K", 16)
+    monkeypatch.setattr(_common, "TILE_ELEMENTS", 256)
+
+
+def _data(n, k, t, dtype, scale=3.0, group_dtype=torch.int64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, k, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+    groups = torch.randint(0, t, (n,), generator=gen).to(group_dtype).to(DEVICE)
+    return logits, groups
+
+
+def _gradcheck(fn, inputs):
+    # fast_mode checks random projections of the Jacobian: few interpreted launches per input
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# --------------------------------------------------------------------------- fcmi from logits
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("n,k,t", [(1, 1, 1), (37, 5, 3), (70, 40, 5)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fcmi_kernels_match_interface(small_blocks, dtype, atol, n, k, t, deterministic):
+    logits, groups = _data(n, k, t, dtype)
+    lse, joint, ent = _triton().fcmi_fwd(logits, groups, t, deterministic)
+    want = tk.fcmi_fwd(logits, groups, t)
+    for got, exp in zip((lse, joint, ent), want):
+        assert got.dtype == exp.dtype and got.shape == exp.shape
+        assert _max_err(got, exp) <= atol * max(1.0, exp.abs().max().item())
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(t, k, generator=gen, dtype=lse.dtype).to(DEVICE)
+    coef = torch.tensor(0.37, dtype=lse.dtype, device=DEVICE)
+    grad = _triton().fcmi_bwd(logits, groups, lse, table, coef, deterministic)
+    want_grad = tk.fcmi_bwd(logits, groups, want[0], table, coef)
+    assert grad.dtype == logits.dtype
+    assert _max_err(grad, want_grad) <= atol
+
+
+@pytest.mark.parametrize("group_dtype", [torch.int32, torch.int64])
+def test_fcmi_large_num_groups_and_group_dtypes(group_dtype):
+    # T = 300 spans many 16-group tiles; most groups are absent from any given row tile
+    logits, groups = _data(64, 6, 300, torch.float32, group_dtype=group_dtype)
+    for deterministic in (False, True):
+        got = _triton().fcmi_fwd(logits, groups, 300, deterministic)
+        for a, b in zip(got, tk.fcmi_fwd(logits, groups, 300)):
+            assert _max_err(a, b) <= 1e-5
+
+
+def test_fcmi_loss_public_op_matches_reference(small_blocks):
+    logits, groups = _data(50, 20, 4, torch.float64)
+    x = logits.clone().requires_grad_()
+    loss = fk.fcmi_loss(x, groups, 4, backend="triton")
+    loss.backward()
+    xr = logits.clone().requires_grad_()
+    ref = reference.fcmi_loss(xr, groups, 4)
+    ref.backward()
+    assert _max_err(loss, ref) <= 1e-12
+    assert _max_err(x.grad, xr.grad) <= 1e-12
+
+
+def test_fcmi_gradcheck_float64(small_blocks):
+    logits, groups = _data(9, 18, 3, torch.float64, scale=1.0)
+    x = logits.clone().requires_grad_()
+    assert _gradcheck(lambda v: fk.fcmi_loss(v, groups, 3, backend="triton"), (x,))
+
+
+def test_fcmi_extreme_logits_and_empty_clusters_stay_finite():
+    logits, groups = _data(40, 6, 3, torch.float32)
+    logits = torch.sign(logits) * 1e4
+    logits[:, 2] = -1e4  # cluster 2 is empty
+    x = logits.clone().requires_grad_()
+    loss = fk.fcmi_loss(x, groups, 4, backend="triton")  # group 3 absent
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    xr = logits.double().requires_grad_()
+    ref = reference.fcmi_loss(xr, groups, 4)
+    ref.backward()
+    xs = logits.clone().requires_grad_()
+    ref_same = reference.fcmi_loss(xs, groups, 4)
+    ref_same.backward()
+    assert_close_to_reference(loss, ref_same, ref, atol=1e-5)
+    assert_close_to_reference(x.grad, xs.grad, xr.grad, atol=1e-6)
+
+
+def test_fcmi_deterministic_is_bitwise_repeatable(small_blocks):
+    logits, groups = _data(90, 20, 5, torch.float32)
+    runs = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        fk.fcmi_loss(x, groups, 5, backend="triton", deterministic=True).backward()
+        runs.append((_triton().fcmi_fwd(logits, groups, 5, True), x.grad))
+    (stats_a, grad_a), (stats_b, grad_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(stats_a, stats_b))
+    assert torch.equal(grad_a, grad_b)
+
+
+# --------------------------------------------------------------------------- fcmi from embeddings
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fcmi_embedding_kernels_match_chunked_path(small_blocks, dtype, atol, deterministic):
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(45, 7, generator=gen, dtype=dtype).to(DEVICE)
+    centers = torch.randn(21, 7, generator=gen, dtype=dtype).to(DEVICE)
+    groups = torch.randint(0, 3, (45,), generator=gen).to(DEVICE)
+    got = _triton().fcmi_emb_fwd(h, centers, groups, 3, 0.3, deterministic)
+    want = fcmi_ops._chunked_emb_fwd(tk, h, centers, groups, 3, 0.3, deterministic)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and _max_err(a, b) <= 10 * atol * max(1.0, b.abs().max().item())
+    table = torch.randn(3, 21, generator=gen, dtype=got[0].dtype).to(DEVICE)
+    coef = torch.tensor(0.2, dtype=got[0].dtype, device=DEVICE)
+    grads = _triton().fcmi_emb_bwd(h, centers, groups, got[0], table, coef, 0.3, deterministic)
+    want_grads = fcmi_ops._chunked_emb_bwd(tk, h, centers, groups, want[0], table, coef, 0.3, deterministic)
+    for a, b in zip(grads, want_grads):
+        assert a.dtype == b.dtype and _max_err(a, b) <= 10 * atol
+
+
+def test_fcmi_embeddings_gradcheck_float64():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(8, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    centers = torch.randn(4, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    groups = torch.randint(0, 2, (8,), generator=gen)
+    assert _gradcheck(
+        lambda a, b: fk.fcmi_loss_from_embeddings(a, b, groups, 2, tau=0.5, backend="triton"), (h, centers))
+
+
+def test_fcmi_embeddings_wide_features_fall_back_to_chunks(monkeypatch):
+    from fairkernels.triton import _common
+    monkeypatch.setattr(_common, "MAX_BLOCK_D", 16)
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(20, 24, generator=gen, dtype=torch.float64).requires_grad_()
+    centers = torch.randn(3, 24, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 2, (20,), generator=gen)
+    loss = fk.fcmi_loss_from_embeddings(h, centers, groups, 2, backend="triton")
+    loss.backward()
+    hr = h.detach().clone().requires_grad_()
+    ref = reference.fcmi_loss_from_embeddings(hr, centers, groups, 2)
+    ref.backward()
+    assert _max_err(loss, ref) <= 1e-12 and _max_err(h.grad, hr.grad) <= 1e-12
+
+
+# --------------------------------------------------------------------------- assignments
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (40, 20, 9)])
+@pytest.mark.parametrize("op", ["student_t", "cosine"])
+def test_assign_kernels_match_interface(small_blocks, dtype, atol, n, k, d, op):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d, generator=gen, dtype=dtype).to(DEVICE)
+    centers = torch.randn(k, d, generator=gen, dtype=dtype).to(DEVICE)
+    grad_q = torch.randn(n, k, generator=gen, dtype=dtype).to(DEVICE)
+    param = 1.5 if op == "student_t" else 0.3
+    fwd, bwd = getattr(_triton(), f"{op}_fwd"), getattr(_triton(), f"{op}_bwd")
+    q = fwd(x, centers, param)
+    q_want = getattr(tk, f"{op}_fwd")(x, centers, param)
+    assert q.dtype == dtype and _max_err(q, q_want) <= atol
+    grads = bwd(grad_q, q, x, centers, param)
+    want = getattr(tk, f"{op}_bwd")(grad_q, q_want, x, centers, param)
+    for a, b in zip(grads, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and _max_err(a, b) <= 10 * atol
+
+
+def test_assign_gradcheck_float64(small_blocks):
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(6, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    centers = torch.randn(18, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    assert _gradcheck(lambda a, b: fk.student_t_assign(a, b, 2.0, backend="triton"), (z, centers))
+    assert _gradcheck(lambda a, b: fk.cosine_assign(a, b, 0.5, backend="triton"), (z, centers))
+
+
+# --------------------------------------------------------------------------- histogram
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("group_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_histogram_kernels_match_interface(small_blocks, dtype, atol, group_dtype, weighted):
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.rand(60, 19, generator=gen, dtype=dtype).to(DEVICE)
+    groups = torch.randint(0, 20, (60,), generator=gen).to(group_dtype).to(DEVICE)
+    weights = torch.rand(60, generator=gen, dtype=dtype).to(DEVICE) if weighted else None
+    want = tk.histogram_fwd(probs, groups, weights, 20)
+    for deterministic in (False, True):
+        got = _triton().histogram_fwd(probs, groups, weights, 20, deterministic)
+        assert got.dtype == want.dtype and _max_err(got, want) <= atol * 10
+    grad_joint = torch.randn(20, 19, generator=gen, dtype=want.dtype).to(DEVICE)
+    assert torch.equal(_triton().histogram_bwd(grad_joint, groups, weights),
+                       tk.histogram_bwd(grad_joint, groups, weights))
+
+
+def test_histogram_gradcheck_float64():
+    gen = torch.Generator().manual_seed(8)
+    probs = torch.rand(7, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    groups = torch.randint(0, 2, (7,), generator=gen)
+    assert _gradcheck(lambda p: fk.joint_histogram(p, groups, 2, backend="triton"), (probs,))
+
+
+# --------------------------------------------------------------------------- DFC
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_dec_target_and_kl_div_match_reference(small_blocks, dtype, atol):
+    gen = torch.Generator().manual_seed(9)
+    q = torch.softmax(torch.randn(50, 20, generator=gen, dtype=dtype), 1).to(DEVICE)
+    q[:, 3] = 0.0  # an empty cluster and q entries below the clamp
+    target = _triton().dec_target(q)
+    assert target.dtype == dtype and _max_err(target, reference.dec_target(q)) <= atol
+    qa = q.clone().requires_grad_()
+    loss = fk.kl_div(target, qa, backend="triton")
+    loss.backward()
+    qr = q.clone().requires_grad_()
+    ref = reference.kl_div(target, qr)
+    ref.backward()
+    assert loss.dtype == dtype and _max_err(loss, ref) <= atol
+    assert torch.isfinite(qa.grad).all() and _max_err(qa.grad, qr.grad) <= atol
+
+
+def test_kl_div_gradcheck_float64():
+    gen = torch.Generator().manual_seed(10)
+    q = torch.softmax(torch.randn(6, 4, generator=gen, dtype=torch.float64), 1)
+    target = reference.dec_target(q)
+    assert _gradcheck(lambda v: fk.kl_div(target, v, backend="triton"), (q.requires_grad_(),))
+
+
+# --------------------------------------------------------------------------- k-means
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_assign_matches_interface(small_blocks, dtype):
+    gen = torch.Generator().manual_seed(11)
+    centers = torch.randn(37, 5, generator=gen, dtype=dtype) * 10
+    labels_true = torch.randint(0, 37, (80,), generator=gen)
+    x = centers[labels_true] + 0.01 * torch.randn(80, 5, generator=gen, dtype=dtype)
+    labels, dist = _triton().kmeans_assign(x.to(DEVICE), centers.to(DEVICE))
+    want_labels, want_dist = tk.kmeans_assign(x, centers)
+    assert labels.dtype == torch.int64 and torch.equal(labels.cpu(), want_labels)
+    assert torch.equal(labels.cpu(), labels_true)
+    assert dist.dtype == want_dist.dtype and _max_err(dist.cpu(), want_dist) <= 1e-3
+
+
+def test_kmeans_assign_ties_pick_the_lowest_index(small_blocks):
+    centers = torch.zeros(20, 2)
+    centers[17] = 5.0
+    labels, dist = _triton().kmeans_assign(torch.zeros(3, 2, device=DEVICE), centers.to(DEVICE))
+    assert labels.tolist() == [0, 0, 0] and dist.abs().max().item() == 0.0
+
+
+# --------------------------------------------------------------------------- torch.library
+def test_fake_impls_give_interface_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = torch.ops.fairkernels
+    with FakeTensorMode():
+        logits = torch.empty(11, 5, dtype=torch.float16)
+        groups = torch.zeros(11, dtype=torch.int32)
+        lse, joint, ent = ops.triton_fcmi_fwd(logits, groups, 3, False)
+        assert (lse.shape, joint.shape, ent.shape) == ((11,), (3, 5), ()) and joint.dtype == torch.float32
+        assert ops.triton_fcmi_bwd(logits, groups, lse, joint, ent, False).dtype == torch.float16
+        h, centers = torch.empty(11, 4, dtype=torch.float64), torch.empty(5, 4, dtype=torch.float64)
+        lse, joint, ent = ops.triton_fcmi_emb_fwd(h, centers, groups, 3, 0.1, True)
+        assert lse.dtype == torch.float64 and joint.shape == (3, 5)
+        grad_h, grad_c = ops.triton_fcmi_emb_bwd(h, centers, groups, lse, joint, ent, 0.1, True)
+        assert grad_h.shape == h.shape and grad_c.shape == centers.shape
+        q = ops.triton_student_t_fwd(h, centers, 1.0)
+        assert q.shape == (11, 5) and q.dtype == torch.float64
+        assert ops.triton_cosine_bwd(q, q, h, centers, 0.1)[1].shape == (5, 4)
+        assert ops.triton_histogram_fwd(q, groups, None, 3, False).shape == (3, 5)
+        assert ops.triton_histogram_bwd(joint, groups, None).shape == (11, 5)
+        assert ops.triton_kl_div_fwd(q, q).shape == () and ops.triton_dec_target(q).shape == q.shape
+        labels, dist = ops.triton_kmeans_assign(h, centers)
+        assert labels.dtype == torch.int64 and dist.shape == (11,)
+
+
+def test_opcheck_schema_and_fake_tensor():
+    logits, groups = _data(20, 4, 3, torch.float32)
+    torch.library.opcheck(torch.ops.fairkernels.triton_fcmi_fwd.default, (logits, groups, 3, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------- GPU sweep
+def _flash_check(out, out_torch_same_dtype, out_fp64, atol):
+    err = _max_err(out, out_fp64)
+    err_torch = _max_err(out_torch_same_dtype, out_fp64)
+    assert err <= 2 * err_torch + atol, (err, err_torch)
+
+
+@pytest.mark.gpu
+class TestGPU:
+    @pytest.mark.parametrize("dtype,atol", [(torch.float16, 1e-3), (torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+    @pytest.mark.parametrize("n,k,t", [(1, 1, 1), (4097, 10, 2), (1000, 1000, 7), (3000, 4096, 1024)])
+    def test_fcmi_sweep(self, dtype, atol, n, k, t):
+        logits = (torch.randn(n, k, device="cuda") * 4).to(dtype)
+        groups = torch.randint(0, t, (n,), device="cuda")
+        for deterministic in (False, True):
+            x = logits.clone().requires_grad_()
+            loss = fk.fcmi_loss(x, groups, t, backend="triton", deterministic=deterministic)
+            loss.backward()
+            x64 = logits.double().requires_grad_()
+            ref64 = reference.fcmi_loss(x64, groups, t)
+            ref64.backward()
+            xs = logits.clone().requires_grad_()
+            ref_same = reference.fcmi_loss(xs, groups, t)
+            ref_same.backward()
+            _flash_check(loss, ref_same, ref64, atol)
+            _flash_check(x.grad, xs.grad, x64.grad, atol / max(n, 1))
+
+    @pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+    def test_embeddings_and_assign_sweep(self, dtype, atol):
+        h = torch.randn(5000, 128, device="cuda").to(dtype)
+        centers = torch.randn(300, 128, device="cuda").to(dtype)
+        groups = torch.randint(0, 5, (5000,), device="cuda")
+        loss = fk.fcmi_loss_from_embeddings(h, centers, groups, 5, backend="triton")
+        ref64 = reference.fcmi_loss_from_embeddings(h.double(), centers.double(), groups, 5)
+        ref_same = reference.fcmi_loss_from_embeddings(h, centers, groups, 5)
+        _flash_check(loss, ref_same, ref64, atol)
+        for op, param in (("student_t_assign", 1.0), ("cosine_assign", 0.1)):
+            out = getattr(fk, op)(h, centers, param, backend="triton")
+            ref64 = getattr(reference, op)(h.double(), centers.double(), param)
+            ref_same = getattr(reference, op)(h.float(), centers.float(), param).to(dtype)
+            _flash_check(out, ref_same, ref64, atol)
+
+    def test_64bit_offsets(self):
+        # N * K > 2^31: the row offset must be computed in int64
+        n, k = (1 << 21) + 3, 1024
+        logits = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        groups = torch.randint(0, 3, (n,), device="cuda")
+        lse, joint, _ = _triton().fcmi_fwd(logits, groups, 3, False)
+        tail = logits[-5:].float()
+        assert torch.allclose(lse[-5:], torch.logsumexp(tail, 1), atol=1e-3)
+        assert torch.allclose(joint.sum(), torch.tensor(float(n), device="cuda"), rtol=1e-4)
+        grad = _triton().fcmi_bwd(logits, groups, lse, torch.zeros_like(joint),
+                                  torch.tensor(1.0, device="cuda"), False)
+        assert torch.isfinite(grad[-5:]).all() and grad[-1].abs().sum() > 0
+
+    def test_deterministic_bitwise(self):
+        logits = torch.randn(20000, 64, device="cuda")
+        groups = torch.randint(0, 4, (20000,), device="cuda")
+        h = torch.randn(20000, 32, device="cuda")
+        centers = torch.randn(64, 32, device="cuda").requires_grad_()
+        outs = []
+        for _ in range(3):
+            stats = _triton().fcmi_fwd(logits, groups, 4, True)
+            centers.grad = None
+            fk.fcmi_loss_from_embeddings(h, centers, groups, 4, backend="triton", deterministic=True).backward()
+            outs.append((stats, centers.grad.clone()))
+        for stats, grad in outs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(stats, outs[0][0]))
+            assert torch.equal(grad, outs[0][1])
+
+    def test_compile_fullgraph(self):
+        model = torch.nn.Linear(16, 8).cuda()
+        groups = torch.randint(0, 3, (256,), device="cuda")
+
+        def step(x):
+            return fk.fcmi_loss(model(x), groups, 3, backend="triton", check_inputs=False)
+
+        compiled = torch.compile(step, fullgraph=True)
+        x = torch.randn(256, 16, device="cuda")
+        loss = compiled(x)
+        loss.backward()
+        assert torch.allclose(loss, step(x), atol=1e-5)
