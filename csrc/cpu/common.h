@@ -1,0 +1,101 @@
+// Shared helpers of the CPU kernels: argument checks, the fixed row-chunk plan that makes the
+// reductions deterministic, and a vectorisable float exp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace fairkernels::cpu {
+
+// Rows are cut into a fixed number of chunks that depends only on the problem size, never on
+// the thread count. Each chunk reduces into its own buffer and the buffers are summed in chunk
+// order, so every reduction is bitwise identical whatever OMP_NUM_THREADS is.
+struct ChunkPlan {
+  int64_t num_chunks;
+  int64_t rows_per_chunk;
+  int64_t begin(int64_t chunk) const { return chunk * rows_per_chunk; }
+  int64_t end(int64_t chunk, int64_t rows) const { return std::min(rows, (chunk + 1) * rows_per_chunk); }
+};
+
+inline ChunkPlan plan_chunks(int64_t rows, int64_t partial_elems) {
+  constexpr int64_t kMaxChunks = 64;           // enough parallel slack for 64 cores
+  constexpr int64_t kMinRowsPerChunk = 2048;   // keeps the per-chunk buffer cost negligible
+  constexpr int64_t kMaxPartialElems = 1 << 22;  // caps the chunk buffers at 32 MB of doubles
+  const int64_t by_rows = (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk;
+  const int64_t by_memory = std::max<int64_t>(1, kMaxPartialElems / std::max<int64_t>(partial_elems, 1));
+  int64_t chunks = std::max<int64_t>(1, std::min({kMaxChunks, by_rows, by_memory}));
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (rows + chunks - 1) / chunks);
+  chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  return {chunks, rows_per_chunk};
+}
+
+// exp(x) for float, branch-free so that GCC vectorises the loops that call it (std::exp does
+// not vectorise without -ffast-math). Cephes expf: range reduction x = n ln2 + r, |r| <= ln2/2,
+// degree-6 polynomial; about 1 ulp. Inputs below -87.3 (exp underflows) give exactly 0, so
+// 0 log 0 terms vanish as SPEC 3 requires.
+inline float exp_float(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float n = (clamped * 1.44269504088896341f + round_magic) - round_magic;
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+template <typename scalar_t>
+inline scalar_t fast_exp(scalar_t x) {
+  return std::exp(x);
+}
+template <>
+inline float fast_exp<float>(float x) {
+  return exp_float(x);
+}
+
+inline void check_matrix(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, name,
+              " must be float32 or float64 for the cpu backend, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+inline void check_groups(const at::Tensor& groups, int64_t rows) {
+  TORCH_CHECK(groups.dim() == 1 && groups.size(0) == rows, "groups must be 1-D of length ", rows);
+  TORCH_CHECK(groups.scalar_type() == at::kInt || groups.scalar_type() == at::kLong,
+              "groups must be int32 or int64, got ", groups.scalar_type());
+}
+
+// Runs body(chunk) for every chunk of the plan in parallel; chunks are independent.
+template <typename Body>
+inline void parallel_chunks(const ChunkPlan& plan, const Body& body) {
+#pragma omp parallel for schedule(static)
+  for (int64_t chunk = 0; chunk < plan.num_chunks; ++chunk) {
+    body(chunk);
+  }
+}
+
+// Sums per-chunk buffers (num_chunks x elems, row-major) in chunk order into out.
+template <typename out_t>
+inline void reduce_chunks(const std::vector<double>& partial, int64_t num_chunks, int64_t elems, out_t* out) {
+  for (int64_t e = 0; e < elems; ++e) {
+    double total = 0.0;
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) total += partial[chunk * elems + e];
+    out[e] = static_cast<out_t>(total);
+  }
+}
+
+}  // namespace fairkernels::cpu

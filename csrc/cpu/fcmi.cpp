@@ -1,0 +1,157 @@
+// Fused FCMI loss kernels (SPEC 3): one read of the logits in the forward, one read and one
+// write in the backward, no N x K temporary.
+#include "kernels.h"
+
+#include "common.h"
+
+namespace fairkernels::cpu {
+namespace {
+
+// One chunk of rows of the forward: writes lse, accumulates c into joint (T x K, double) and
+// sum c log c into *ent. `row_exp` holds K values of exp(x - max) for the current row.
+template <typename scalar_t, typename index_t>
+void fcmi_fwd_rows(const scalar_t* logits, const index_t* groups, int64_t row_begin, int64_t row_end,
+                   int64_t num_clusters, int64_t num_groups, scalar_t* lse, double* joint, double* ent,
+                   scalar_t* row_exp, bool* bad_group) {
+  double ent_chunk = 0.0;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const scalar_t* x = logits + i * num_clusters;
+    const int64_t g = static_cast<int64_t>(groups[i]);
+    if (g < 0 || g >= num_groups) {
+      *bad_group = true;
+      continue;
+    }
+    scalar_t row_max = x[0];
+#pragma omp simd reduction(max : row_max)
+    for (int64_t k = 0; k < num_clusters; ++k) row_max = std::max(row_max, x[k]);
+    scalar_t exp_sum = 0;
+#pragma omp simd reduction(+ : exp_sum)
+    for (int64_t k = 0; k < num_clusters; ++k) {
+      row_exp[k] = fast_exp<scalar_t>(x[k] - row_max);
+      exp_sum += row_exp[k];
+    }
+    const scalar_t log_sum = std::log(exp_sum);
+    const scalar_t inv_sum = scalar_t(1) / exp_sum;
+    lse[i] = row_max + log_sum;
+    double* joint_row = joint + g * num_clusters;
+    scalar_t ent_row = 0;
+    // log c = (x - max) - log(sum exp): stable for any logit magnitude (SPEC 3).
+#pragma omp simd reduction(+ : ent_row)
+    for (int64_t k = 0; k < num_clusters; ++k) {
+      const scalar_t c = row_exp[k] * inv_sum;
+      joint_row[k] += static_cast<double>(c);
+      ent_row += c * ((x[k] - row_max) - log_sum);
+    }
+    ent_chunk += static_cast<double>(ent_row);
+  }
+  *ent += ent_chunk;
+}
+
+template <typename scalar_t, typename index_t>
+void fcmi_bwd_rows(const scalar_t* logits, const index_t* groups, const scalar_t* lse, const scalar_t* table,
+                   scalar_t logc_coef, int64_t row_begin, int64_t row_end, int64_t num_clusters,
+                   int64_t num_groups, scalar_t* grad, scalar_t* row_c, scalar_t* row_g, bool* bad_group) {
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const scalar_t* x = logits + i * num_clusters;
+    scalar_t* out = grad + i * num_clusters;
+    const int64_t g = static_cast<int64_t>(groups[i]);
+    if (g < 0 || g >= num_groups) {
+      *bad_group = true;
+      continue;
+    }
+    const scalar_t* table_row = table + g * num_clusters;
+    const scalar_t row_lse = lse[i];
+    scalar_t weighted = 0;  // sum_k c_ik G_ik
+#pragma omp simd reduction(+ : weighted)
+    for (int64_t k = 0; k < num_clusters; ++k) {
+      const scalar_t log_c = x[k] - row_lse;
+      const scalar_t c = fast_exp<scalar_t>(log_c);
+      const scalar_t grad_c = table_row[k] - logc_coef * log_c;
+      row_c[k] = c;
+      row_g[k] = grad_c;
+      weighted += c * grad_c;
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < num_clusters; ++k) out[k] = row_c[k] * (row_g[k] - weighted);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits_in, const at::Tensor& groups_in,
+                                                        int64_t num_groups, bool /*deterministic: always*/) {
+  check_matrix(logits_in, "logits");
+  check_groups(groups_in, logits_in.size(0));
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor groups = groups_in.contiguous();
+  const int64_t rows = logits.size(0), num_clusters = logits.size(1);
+  TORCH_CHECK(num_clusters >= 1, "logits must have at least one column");
+  at::Tensor lse = at::empty({rows}, logits.options());
+  at::Tensor joint = at::empty({num_groups, num_clusters}, logits.options());
+  at::Tensor ent_sum = at::empty({}, logits.options());
+  const int64_t table_elems = num_groups * num_clusters;
+  const ChunkPlan plan = plan_chunks(rows, table_elems);
+  std::vector<double> joint_partial(plan.num_chunks * table_elems, 0.0);
+  std::vector<double> ent_partial(plan.num_chunks, 0.0);
+  std::vector<char> bad(plan.num_chunks, 0);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "fcmi_fwd", [&] {
+    AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_fwd_groups", [&] {
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const index_t* g = groups.const_data_ptr<index_t>();
+      scalar_t* lse_ptr = lse.mutable_data_ptr<scalar_t>();
+      parallel_chunks(plan, [&](int64_t chunk) {
+        std::vector<scalar_t> row_exp(num_clusters);
+        bool bad_group = false;
+        fcmi_fwd_rows<scalar_t, index_t>(x, g, plan.begin(chunk), plan.end(chunk, rows), num_clusters, num_groups,
+                                         lse_ptr, joint_partial.data() + chunk * table_elems,
+                                         ent_partial.data() + chunk, row_exp.data(), &bad_group);
+        bad[chunk] = bad_group;
+      });
+      reduce_chunks(joint_partial, plan.num_chunks, table_elems, joint.mutable_data_ptr<scalar_t>());
+      reduce_chunks(ent_partial, plan.num_chunks, 1, ent_sum.mutable_data_ptr<scalar_t>());
+    });
+  });
+  TORCH_CHECK(std::none_of(bad.begin(), bad.end(), [](char b) { return b != 0; }),
+              "groups must lie in [0, num_groups=", num_groups, ")");
+  return {lse, joint, ent_sum};
+}
+
+at::Tensor fcmi_bwd(const at::Tensor& logits_in, const at::Tensor& groups_in, const at::Tensor& lse_in,
+                    const at::Tensor& table_in, const at::Tensor& logc_coef, bool /*deterministic: always*/) {
+  check_matrix(logits_in, "logits");
+  const int64_t rows = logits_in.size(0), num_clusters = logits_in.size(1);
+  check_groups(groups_in, rows);
+  TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == rows, "lse must be 1-D of length ", rows);
+  TORCH_CHECK(table_in.dim() == 2 && table_in.size(1) == num_clusters, "table must be T x ", num_clusters);
+  TORCH_CHECK(logc_coef.numel() == 1, "logc_coef must hold one value");
+  const auto dtype = logits_in.scalar_type();
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor groups = groups_in.contiguous();
+  const at::Tensor lse = lse_in.to(dtype).contiguous();
+  const at::Tensor table = table_in.to(dtype).contiguous();
+  const int64_t num_groups = table.size(0);
+  at::Tensor grad = at::empty_like(logits);
+  const ChunkPlan plan = plan_chunks(rows, 0);
+  std::vector<char> bad(plan.num_chunks, 0);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fcmi_bwd", [&] {
+    AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_bwd_groups", [&] {
+      const scalar_t coef = logc_coef.item<double>();
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      const index_t* g = groups.const_data_ptr<index_t>();
+      parallel_chunks(plan, [&](int64_t chunk) {
+        std::vector<scalar_t> row_c(num_clusters), row_g(num_clusters);
+        bool bad_group = false;
+        fcmi_bwd_rows<scalar_t, index_t>(x, g, lse.const_data_ptr<scalar_t>(), table.const_data_ptr<scalar_t>(),
+                                         coef, plan.begin(chunk), plan.end(chunk, rows), num_clusters, num_groups,
+                                         grad.mutable_data_ptr<scalar_t>(), row_c.data(), row_g.data(), &bad_group);
+        bad[chunk] = bad_group;
+      });
+    });
+  });
+  TORCH_CHECK(std::none_of(bad.begin(), bad.end(), [](char b) { return b != 0; }),
+              "groups must lie in [0, num_groups=", num_groups, ")");
+  return grad;
+}
+
+}  // namespace fairkernels::cpu

@@ -1,0 +1,38 @@
+// CPU kernels of fairkernels, registered as torch.ops.fairkernels.* in csrc/ops.cpp.
+// Interface and semantics: fairkernels/ops/torch_kernels.py (one Python body per kernel).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fairkernels::cpu {
+
+// SPEC 3 forward statistics: (lse[N], joint[T,K] = sum_{i in t} c_ik, ent_sum = sum c log c).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits, const at::Tensor& groups,
+                                                        int64_t num_groups, bool deterministic);
+// SPEC 3 backward: grad_ik = c_ik (G_ik - sum_k' c_ik' G_ik'), G_ik = table[g_i,k] - logc_coef log c_ik.
+at::Tensor fcmi_bwd(const at::Tensor& logits, const at::Tensor& groups, const at::Tensor& lse,
+                    const at::Tensor& table, const at::Tensor& logc_coef, bool deterministic);
+
+// SPEC 2.1: J_tk = sum_{g_i = t} w_i P_ik and its gather backward.
+at::Tensor histogram_fwd(const at::Tensor& probs, const at::Tensor& groups, const std::optional<at::Tensor>& weights,
+                         int64_t num_groups, bool deterministic);
+at::Tensor histogram_bwd(const at::Tensor& grad_joint, const at::Tensor& groups,
+                         const std::optional<at::Tensor>& weights);
+
+// SPEC 1.1 Student-t soft assignment and its backward.
+at::Tensor student_t_fwd(const at::Tensor& z, const at::Tensor& centers, double alpha);
+std::tuple<at::Tensor, at::Tensor> student_t_bwd(const at::Tensor& grad_q, const at::Tensor& q, const at::Tensor& z,
+                                                 const at::Tensor& centers, double alpha);
+
+// SPEC 1.2 cosine softmax and its backward.
+at::Tensor cosine_fwd(const at::Tensor& h, const at::Tensor& centers, double tau);
+std::tuple<at::Tensor, at::Tensor> cosine_bwd(const at::Tensor& grad_c, const at::Tensor& c, const at::Tensor& h,
+                                              const at::Tensor& centers, double tau);
+
+// Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
+std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);
+
+}  // namespace fairkernels::cpu

@@ -1,0 +1,51 @@
+// The one place where fairkernels' operators are declared (TORCH_LIBRARY) and their kernels
+// registered per device. Schemas mirror fairkernels/ops/torch_kernels.py: same names, argument
+// order and output dtypes ("acc": float64 for float64 input, float32 otherwise).
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(fairkernels, m) {
+  m.def("fcmi_fwd(Tensor logits, Tensor groups, int num_groups, bool deterministic) -> (Tensor lse, Tensor joint, Tensor ent_sum)");
+  m.def("fcmi_bwd(Tensor logits, Tensor groups, Tensor lse, Tensor table, Tensor logc_coef, bool deterministic) -> Tensor");
+  m.def("histogram_fwd(Tensor probs, Tensor groups, Tensor? weights, int num_groups, bool deterministic) -> Tensor");
+  m.def("histogram_bwd(Tensor grad_joint, Tensor groups, Tensor? weights) -> Tensor");
+  m.def("student_t_fwd(Tensor z, Tensor centers, float alpha) -> Tensor");
+  m.def("student_t_bwd(Tensor grad_q, Tensor q, Tensor z, Tensor centers, float alpha) -> (Tensor, Tensor)");
+  m.def("cosine_fwd(Tensor h, Tensor centers, float tau) -> Tensor");
+  m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
+  m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
+}
+
+TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
+  m.impl("fcmi_fwd", &fairkernels::cpu::fcmi_fwd);
+  m.impl("fcmi_bwd", &fairkernels::cpu::fcmi_bwd);
+  m.impl("histogram_fwd", &fairkernels::cpu::histogram_fwd);
+  m.impl("histogram_bwd", &fairkernels::cpu::histogram_bwd);
+  m.impl("student_t_fwd", &fairkernels::cpu::student_t_fwd);
+  m.impl("student_t_bwd", &fairkernels::cpu::student_t_bwd);
+  m.impl("cosine_fwd", &fairkernels::cpu::cosine_fwd);
+  m.impl("cosine_bwd", &fairkernels::cpu::cosine_bwd);
+  m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
+}
+
+// CUDA kernels (csrc/cuda/*.cu) register here, in a TORCH_LIBRARY_IMPL(fairkernels, CUDA, m)
+// block guarded by FAIRKERNELS_WITH_CUDA, when the extension is built with them.
+
+// Built as the Python module fairkernels._C (setup.py, or the JIT build): importing it runs the
+// registrations above. TORCH_EXTENSION_NAME is defined only by torch's cpp_extension builds, so
+// the CMake/libtorch build has no Python dependency.
+#ifdef TORCH_EXTENSION_NAME
+#include <Python.h>
+
+#define FAIRKERNELS_CONCAT_(a, b) a##b
+#define FAIRKERNELS_CONCAT(a, b) FAIRKERNELS_CONCAT_(a, b)
+#define FAIRKERNELS_STR_(a) #a
+#define FAIRKERNELS_STR(a) FAIRKERNELS_STR_(a)
+
+static struct PyModuleDef fairkernels_module = {
+    PyModuleDef_HEAD_INIT, FAIRKERNELS_STR(TORCH_EXTENSION_NAME),
+    "fairkernels C++ kernels; importing registers torch.ops.fairkernels.*", -1, nullptr};
+
+PyMODINIT_FUNC FAIRKERNELS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&fairkernels_module); }
+#endif
