@@ -275,6 +275,35 @@ def test_kmeans_assign_ties_pick_the_lowest_index(small_blocks):
     assert labels.tolist() == [0, 0, 0] and dist.abs().max().item() == 0.0
 
 
+# --------------------------------------------------------------------------- half precision
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_within_torch_error(dtype, atol):
+    """err(triton) <= 2 err(reference in the same dtype) + atol, both against float64 (STYLE.md)."""
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(40, 10, generator=gen).mul(3).to(dtype).to(DEVICE)
+    h = torch.randn(40, 8, generator=gen).to(dtype).to(DEVICE)
+    centers = torch.randn(10, 8, generator=gen).to(dtype).to(DEVICE)
+    groups = torch.randint(0, 3, (40,), generator=gen).to(DEVICE)
+    x = logits.clone().requires_grad_()
+    loss = fk.fcmi_loss(x, groups, 3, backend="triton")
+    loss.backward()
+    assert x.grad.dtype == dtype and loss.dtype == dtype
+    x64 = logits.double().requires_grad_()
+    ref64 = reference.fcmi_loss(x64, groups, 3)
+    ref64.backward()
+    # reference upcasts internally, so its same-dtype error is the rounding of its output
+    assert_close_to_reference(loss, ref64.to(dtype), ref64, atol)
+    assert_close_to_reference(x.grad, x64.grad.to(dtype), x64.grad, atol / 10)
+    emb = fk.fcmi_loss_from_embeddings(h, centers, groups, 3, backend="triton")
+    emb64 = reference.fcmi_loss_from_embeddings(h.double(), centers.double(), groups, 3)
+    assert_close_to_reference(emb, emb64.to(dtype), emb64, atol)
+    for op, param in (("student_t_assign", 1.0), ("cosine_assign", 0.3)):
+        out = getattr(fk, op)(h, centers, param, backend="triton")
+        out64 = getattr(reference, op)(h.double(), centers.double(), param)
+        assert out.dtype == dtype
+        assert_close_to_reference(out, out64.to(dtype), out64, atol)
+
+
 # --------------------------------------------------------------------------- torch.library
 def test_fake_impls_give_interface_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -44,9 +44,12 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def tl_dot_dtype(dtype: torch.dtype):
+def tl_dot_dtype(dtype: torch.dtype, device: torch.device):
     """Operand dtype of tl.dot: the input dtype (fp16/bf16 tensor cores, fp32 as exact "ieee"
-    FMA products, fp64 FMA)."""
+    FMA products, fp64 FMA). The CPU interpreter multiplies bf16 operands wrongly (triton 3.7),
+    so there bf16 operands are upcast to fp32 (exact: products of bf16 values fit in fp32)."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 

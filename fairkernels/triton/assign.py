@@ -212,7 +212,7 @@ def _assign_fwd(x, centers_in, param, student_t):
     params = torch.tensor([param], dtype=acc, device=x.device)
     _soft_assign_fwd_kernel[(programs,)](
         x, x.stride(0), centers_in.contiguous(), params, q, q.stride(0), num_rows, num_cols, x.shape[1], tiles,
-        STUDENT_T=student_t, ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype), BLOCK_N=blk_n,
+        STUDENT_T=student_t, ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=blk_n,
         BLOCK_K=blk_k, BLOCK_D=blk_d, SINGLE_K_TILE=single)
     return q
 
@@ -231,7 +231,7 @@ def _assign_bwd(grad_q, q, x, centers_in, param, student_t):
     _soft_assign_bwd_kernel[(programs,)](
         grad_q.contiguous(), q.contiguous(), x, x.stride(0), centers_in.contiguous(), params, grad_x,
         grad_x.stride(0), grad_c, colsum, num_rows, num_cols, dim, tiles,
-        STUDENT_T=student_t, ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype), BLOCK_N=blk_n,
+        STUDENT_T=student_t, ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=blk_n,
         BLOCK_K=blk_k, BLOCK_D=blk_d)
     return grad_x, grad_c.sum(0), colsum.sum(0)
 

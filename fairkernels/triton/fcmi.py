@@ -462,7 +462,7 @@ def fcmi_emb_fwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, n
     ent = torch.zeros(slots, dtype=acc, device=h.device)
     _fcmi_emb_fwd_kernel[(programs,)](
         h, h.stride(0), units, groups, params, lse, joint, ent, num_rows, num_cols, dim, num_groups,
-        tiles, ACC=cm.tl_acc(h.dtype), DOT=cm.tl_dot_dtype(h.dtype), BLOCK_N=blk_n, BLOCK_K=blk_k,
+        tiles, ACC=cm.tl_acc(h.dtype), DOT=cm.tl_dot_dtype(h.dtype, h.device), BLOCK_N=blk_n, BLOCK_K=blk_k,
         BLOCK_D=blk_d, BLOCK_T=cm.BLOCK_T, SINGLE_K_TILE=single, ATOMIC=not deterministic)
     return lse, joint.sum(0), ent.sum()
 
@@ -501,7 +501,7 @@ def fcmi_emb_bwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, l
     _fcmi_emb_bwd_kernel[(programs,)](
         h, h.stride(0), units, groups, lse, table.to(acc).contiguous(), logc_coef.to(acc).reshape(()),
         params, grad_h, grad_h.stride(0), grad_units, num_rows, num_cols, dim, tiles,
-        ACC=cm.tl_acc(h.dtype), DOT=cm.tl_dot_dtype(h.dtype), BLOCK_N=blk_n, BLOCK_K=blk_k,
+        ACC=cm.tl_acc(h.dtype), DOT=cm.tl_dot_dtype(h.dtype, h.device), BLOCK_N=blk_n, BLOCK_K=blk_k,
         BLOCK_D=blk_d, SINGLE_K_TILE=single, ATOMIC=not deterministic)
     grad_centers = normalize_backward(centers_acc, units_acc, grad_units.sum(0))
     return grad_h, grad_centers.to(centers.dtype)

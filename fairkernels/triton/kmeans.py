@@ -74,7 +74,7 @@ def kmeans_assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor,
     dists = torch.empty(num_rows, dtype=cm.acc_dtype(x.dtype), device=x.device)
     _kmeans_assign_kernel[(cm.num_programs(tiles, x.device),)](
         x, x.stride(0), centers.to(x.dtype).contiguous(), labels, dists, num_rows, num_cols, dim, tiles,
-        ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype), BLOCK_N=blk_n, BLOCK_K=blk_k, BLOCK_D=blk_d)
+        ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=blk_n, BLOCK_K=blk_k, BLOCK_D=blk_d)
     return labels, dists
 
 
