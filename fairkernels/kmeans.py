@@ -255,6 +255,7 @@ def _initial_centers(lloyd, x, num_clusters, init, sample_size, generator, acc):
 
 
 # --------------------------------------------------------------------------- public API
+@torch.no_grad()
 def kmeans(x, n_clusters, *, init="k-means++", n_iter=100, tol=1e-4, spherical=False, sample_size=None,
            seed=0, backend="auto", deterministic=False, process_group=None, init_centers=None) -> KMeansResult:
     """Lloyd k-means of the rows of x (torch tensor on any device, or numpy array / memmap).

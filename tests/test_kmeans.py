@@ -114,6 +114,12 @@ def test_n_equals_k_and_single_cluster():
     assert bool((one.labels == 0).all())
 
 
+def test_input_that_requires_grad_builds_no_graph():
+    x = torch.from_numpy(blobs(n=300, k=3, d=2)[0]).requires_grad_(True)
+    result = kmeans(x, 3, backend="reference")
+    assert not result.centers.requires_grad and result.centers.grad_fn is None
+
+
 def test_sample_size_still_labels_every_row():
     x, y = blobs(n=5000, k=5, d=3, std=0.4, seed=6)
     result = kmeans(x, 5, sample_size=600, backend="reference")
