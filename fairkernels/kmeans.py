@@ -244,9 +244,6 @@ def _kmeans_plus_plus(points, num_clusters, generator):
 
 def _initial_centers(lloyd, x, num_clusters, init, sample_size, generator, acc):
     size = sample_size or max(SEED_POINTS_PER_CLUSTER * num_clusters, SEED_SAMPLE_MIN)
-    if x.shape[0] < num_clusters:
-        raise ValueError(f"n_clusters={num_clusters} exceeds the {x.shape[0]} rows of x on rank 0, "
-                         "which seeds the centers")
     sample = lloyd.rows(_seed_sample(x, max(size, num_clusters), generator), acc).to(acc)
     if init == "random":
         pick = torch.randperm(sample.shape[0], generator=generator)[:num_clusters]
@@ -282,10 +279,15 @@ def kmeans(x, n_clusters, *, init="k-means++", n_iter=100, tol=1e-4, spherical=F
     _backend.choose(backend, x.device, x.dtype, "kmeans_assign")  # raises early on a bad backend
     acc = _acc_dtype(x.dtype)
     lloyd = _Lloyd(backend, bool(spherical), bool(deterministic), process_group, n_clusters)
-    total_rows = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    distributed.all_reduce_(total_rows, process_group)
-    if n_clusters > int(total_rows):
-        raise ValueError(f"n_clusters={n_clusters} must be <= the number of rows ({int(total_rows)})")
+    # Every rank learns every rank's row count, so a bad n_clusters raises on all of them
+    # (not only on rank 0, which would leave the others waiting in the broadcast).
+    row_counts = [int(c) for c in distributed.all_gather(
+        torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device), process_group)]
+    if n_clusters > sum(row_counts):
+        raise ValueError(f"n_clusters={n_clusters} must be <= the number of rows ({sum(row_counts)})")
+    if init_centers is None and n_clusters > row_counts[0]:
+        raise ValueError(f"n_clusters={n_clusters} exceeds the {row_counts[0]} rows of x on rank 0, "
+                         "which seeds the centers; pass init_centers")
 
     group_rank = distributed.rank(process_group) if process_group is not None else 0
     generator = torch.Generator().manual_seed(int(seed) + 7919 * group_rank)

@@ -80,6 +80,13 @@ def worker(rank, port, out_dir, backends):
     seeded = kmeans(points[rows], 3, seed=5, n_iter=2, backend="reference", process_group=True)
     results["kmeans"] = dict(centers=fitted.centers, labels=fitted.labels, inertia=fitted.inertia,
                              seeded=seeded.centers)
+    # More clusters than rows in all (or than rank 0 can seed): every rank raises, none hangs.
+    results["kmeans_errors"] = []
+    for too_many in (sum(ROWS) + 1, ROWS[0] + 1):
+        try:
+            kmeans(points[rows], too_many, backend="reference", process_group=True)
+        except ValueError as err:
+            results["kmeans_errors"].append(str(err))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -128,6 +135,13 @@ def test_kmeans_matches_single_process(rank_results):
         assert got["inertia"] == pytest.approx(expected.inertia, rel=1e-12)
     # k-means++ seeded on rank 0 and broadcast: every rank ends with the same centers.
     assert torch.equal(ranks[0]["kmeans"]["seeded"], ranks[1]["kmeans"]["seeded"])
+
+
+def test_kmeans_bad_n_clusters_raises_on_every_rank(rank_results):
+    _, ranks = rank_results
+    for result in ranks:
+        assert len(result["kmeans_errors"]) == 2
+        assert all("n_clusters" in message for message in result["kmeans_errors"])
 
 
 def test_ranks_and_world(rank_results):
