@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--bias", type=float, default=0.5, help="how strongly groups align with clusters")
     p.add_argument("--warmup-epochs", type=int, default=0, help="reconstruction-only epochs first")
     p.add_argument("--kmeans-iter", type=int, default=20, help="Lloyd iterations per center refresh")
+    p.add_argument("--width", type=float, default=1.0, help="autoencoder width multiplier (1.0: paper size)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -114,7 +115,7 @@ def main(argv=None):
 
     config = FCMIConfig(n_clusters=args.clusters, epochs=args.epochs, batch_size=args.batch_size,
                         device=str(device), backend=args.backend, seed=args.seed,
-                        warmup_epochs=args.warmup_epochs, kmeans_iter=args.kmeans_iter,
+                        warmup_epochs=args.warmup_epochs, kmeans_iter=args.kmeans_iter, width=args.width,
                         eval_chunk_size=1 << 16, progress=False, verbose=False)
     trainer = FCMITrainer(config)
     # Time the parts of each epoch by wrapping this instance's hooks: the k-means refresh
@@ -141,7 +142,7 @@ def main(argv=None):
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fairkernels": fairkernels.__version__,
-        "backend": args.backend, "kmeans_iter": args.kmeans_iter,
+        "backend": args.backend, "kmeans_iter": args.kmeans_iter, "width": args.width,
         "data_seconds": data_seconds, "fit_seconds": fit_seconds,
         "train_points_per_second": args.n * len(epochs) / train_seconds if train_seconds > 0 else None,
         "epoch_split": epochs,
