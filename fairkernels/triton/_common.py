@@ -89,6 +89,13 @@ def partial_slots(programs: int, deterministic: bool) -> int:
 
 
 @triton.jit
+def eps_of(ACC: tl.constexpr):
+    """The 1e-12 floor of SPEC 1.2 / 2.2 as a constant of the acc dtype: a bare literal would be
+    rounded to float32 first, which differs from the float64 reference by 4e-9 relative."""
+    return tl.full((), 1e-12, ACC)
+
+
+@triton.jit
 def log1p_pos(x):
     """log(1 + x) for x >= 0 without cancellation (Goldberg: log(u) * x / (u - 1), u = 1 + x)."""
     u = 1.0 + x

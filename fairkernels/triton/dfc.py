@@ -61,7 +61,7 @@ def _dec_target_fwd_kernel(
             q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
             inv_f = tl.load(INV_F_ptr + offs_k, mask=offs_k < K, other=0.0)
             row_sum += tl.sum(q * q * inv_f[None, :], axis=1)
-        inv_row = 1.0 / tl.maximum(row_sum, 1e-12)
+        inv_row = 1.0 / tl.maximum(row_sum, cm.eps_of(ACC))
         for k_start in range(0, K, BLOCK_K):
             offs_k = k_start + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (offs_k < K)[None, :]
@@ -94,7 +94,8 @@ def _kl_div_fwd_kernel(
             ptrs = rows[:, None] * K + offs_k[None, :]
             p = tl.load(T_ptr + ptrs, mask=mask, other=0.0).to(ACC)
             q = tl.load(Q_ptr + ptrs, mask=mask, other=1.0).to(ACC)
-            terms = tl.where(p > 0, p * tl.log(tl.maximum(p, 1e-12)), 0.0) - p * tl.log(tl.maximum(q, 1e-12))
+            eps = cm.eps_of(ACC)
+            terms = tl.where(p > 0, p * tl.log(tl.maximum(p, eps)), 0.0) - p * tl.log(tl.maximum(q, eps))
             total += tl.sum(terms, axis=1)
     tl.store(SUM_ptr + pid, tl.sum(total))
 
@@ -116,7 +117,8 @@ def _kl_div_bwd_kernel(
     scale = tl.load(SCALE_ptr).to(ACC)
     p = tl.load(T_ptr + offs, mask=mask, other=0.0).to(ACC)
     q = tl.load(Q_ptr + offs, mask=mask, other=1.0).to(ACC)
-    grad = tl.where(q >= 1e-12, -scale * p / tl.where(q >= 1e-12, q, 1.0), 0.0)
+    eps = cm.eps_of(ACC)
+    grad = tl.where(q >= eps, -scale * p / tl.where(q >= eps, q, 1.0), 0.0)
     tl.store(GRAD_ptr + offs, grad.to(GRAD_ptr.dtype.element_ty), mask=mask)
 
 

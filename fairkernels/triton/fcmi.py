@@ -174,8 +174,9 @@ def _unit_rows(H_ptr, H_row_stride, rows, row_mask, D, ACC: tl.constexpr, BLOCK_
     h = tl.load(H_ptr + rows[:, None] * H_row_stride + offs_d[None, :],
                 mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(ACC)
     norm = tl.sqrt(tl.sum(h * h, axis=1))
-    inv_norm = 1.0 / tl.maximum(norm, 1e-12)
-    return h * inv_norm[:, None], inv_norm, norm > 1e-12
+    eps = cm.eps_of(ACC)
+    inv_norm = 1.0 / tl.maximum(norm, eps)
+    return h * inv_norm[:, None], inv_norm, norm > eps
 
 
 @triton.jit
