@@ -156,7 +156,7 @@ class Trainer(abc.ABC):
             start_epoch, saved_optimizer, saved_phase = self._restore(ckpt.load(path, self.device), X_cpu, num_groups)
 
         from fairkernels.data.stream import BatchStream
-        stream = BatchStream(X_dev, groups_dev, cfg.batch_size, shuffle=True, seed=cfg.seed, device=self.device)
+        stream = BatchStream(X_cpu, groups_cpu, cfg.batch_size, shuffle=True, seed=cfg.seed, device=self.device)
         optimizer, optimizer_phase = None, None
         epoch_bar = tqdm(range(start_epoch, self.total_epochs), desc=type(self).__name__, disable=not cfg.progress,
                          initial=start_epoch, total=self.total_epochs, file=sys.stderr)

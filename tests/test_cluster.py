@@ -1,0 +1,67 @@
+"""sklearn-style estimators: clone, get/set_params, fit_predict, predict, transform."""
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from fairkernels import data
+from fairkernels.cluster import DFC, FCMI
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small():
+    ds = data.load("synthetic", n=300, dim=5, n_clusters=3, n_groups=2, bias=0.3, seed=4)
+    return (ds.X - ds.X.mean(0)) / ds.X.std(0), ds.groups
+
+
+def test_clone_and_params():
+    est = FCMI(4, beta=0.5, epochs=3, random_state=7)
+    params = est.get_params()
+    assert params["n_clusters"] == 4 and params["beta"] == 0.5 and params["random_state"] == 7
+    copy = clone(est)
+    assert copy is not est and copy.get_params() == params
+    copy.set_params(beta=0.1)
+    assert copy.beta == 0.1 and est.beta == 0.5
+    assert clone(DFC(3, method="dec")).get_params()["method"] == "dec"
+
+
+def test_fcmi_estimator_fit_predict(small):
+    X, groups = small
+    est = FCMI(3, epochs=3, warmup_epochs=1, width=0.05, batch_size=128, kmeans_iter=20, backend="reference")
+    labels = est.fit_predict(X, groups)
+    assert labels.shape == (300,) and labels.dtype == np.int64 and labels.max() < 3
+    assert est.cluster_centers_.shape == (3, 3)
+    assert est.transform(X).shape == (300, 3)
+    np.testing.assert_array_equal(est.predict(X), labels)
+    assert len(est.history_) == 3
+    # Same seed, same result (CPU runs are deterministic).
+    np.testing.assert_array_equal(clone(est).fit_predict(X, groups), labels)
+
+
+def test_dfc_estimator_methods(small):
+    X, groups = small
+    for method in ("dfc", "ae-km"):
+        est = DFC(3, method=method, pretrain_epochs=1, finetune_epochs=2, epochs=2, width=0.05, batch_size=128,
+                  update_interval=2, kmeans_iter=20, backend="reference")
+        labels = est.fit_predict(X, groups)
+        assert labels.shape == (300,)
+        np.testing.assert_array_equal(est.predict(X), labels)
+        assert est.cluster_centers_.shape == (3, 3)
+
+
+def test_estimator_errors(small):
+    X, groups = small
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FCMI(3).predict(X)
+    with pytest.raises(ValueError, match="groups is required"):
+        FCMI(3).fit(X, None)
+    with pytest.raises(ValueError, match="method"):
+        DFC(3, method="bogus").fit(X, groups)
