@@ -206,10 +206,12 @@ def check_against_reference(draw: Draw, fused, ref, leaves, seeds, input_scale: 
 
 
 def _normalisation_terms(tau: float, *matrices) -> float:
-    """Size of the cancelling terms in a gradient through x / ||x|| followed by logits / tau:
-    (1 / smallest non-zero row norm) * (1 / tau) * (1 + 1 / tau)."""
+    """Size of the cancelling terms in a gradient through x / max(||x||, 1e-12) followed by
+    logits / tau: (1 / smallest clamped row norm) * (1 / tau) * (1 + 1 / tau). A zero row's
+    gradient is its tangential rounding noise times 1e12 in every implementation: only its
+    finiteness is a real property there."""
     norms = torch.cat([m.detach().double().norm(dim=1) for m in matrices])
-    smallest = norms[norms > 0].min().item() if bool((norms > 0).any()) else 1.0
+    smallest = norms.clamp_min(reference.NORM_EPS).min().item()
     return (1.0 / smallest) * (1.0 / tau) * (1.0 + 1.0 / tau)
 
 
