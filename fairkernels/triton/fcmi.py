@@ -59,8 +59,10 @@ def _fcmi_fwd_kernel(
     """lse_i = log sum_k exp(x_ik); J_tk = sum_{g_i = t} c_ik; E = sum_ik c_ik log c_ik, with
     log c_ik = x_ik - lse_i (SPEC 3)."""
     pid = tl.program_id(0)
-    slot = 0 if ATOMIC else pid
-    JOINT_slot = JOINT_ptr + slot.to(tl.int64) * T * K
+    if ATOMIC:  # one table shared by all programs
+        JOINT_slot = JOINT_ptr
+    else:  # this program's private slot
+        JOINT_slot = JOINT_ptr + pid.to(tl.int64) * T * K
     ent_rows = tl.zeros([BLOCK_N], dtype=ACC)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,8 +218,10 @@ def _fcmi_emb_fwd_kernel(
     (SPEC 1.2 + 3); the N x K logits never reach memory."""
     pid = tl.program_id(0)
     inv_tau = tl.load(PARAM_ptr).to(ACC)
-    slot = 0 if ATOMIC else pid
-    JOINT_slot = JOINT_ptr + slot.to(tl.int64) * T * K
+    if ATOMIC:  # one table shared by all programs
+        JOINT_slot = JOINT_ptr
+    else:  # this program's private slot
+        JOINT_slot = JOINT_ptr + pid.to(tl.int64) * T * K
     ent_rows = tl.zeros([BLOCK_N], dtype=ACC)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -315,8 +319,10 @@ def _fcmi_emb_bwd_kernel(
     pid = tl.program_id(0)
     logc_coef = tl.load(COEF_ptr).to(ACC)
     inv_tau = tl.load(PARAM_ptr).to(ACC)
-    slot = 0 if ATOMIC else pid
-    GRAD_U_slot = GRAD_U_ptr + slot.to(tl.int64) * K * D
+    if ATOMIC:  # one table shared by all programs
+        GRAD_U_slot = GRAD_U_ptr
+    else:  # this program's private slot
+        GRAD_U_slot = GRAD_U_ptr + pid.to(tl.int64) * K * D
     offs_d = tl.arange(0, BLOCK_D)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -34,8 +34,10 @@ def _histogram_fwd_kernel(
 ):
     """J_tk = sum_{i: g_i = t} w_i P_ik  (SPEC 2.1)."""
     pid = tl.program_id(0)
-    slot = 0 if ATOMIC else pid
-    JOINT_slot = JOINT_ptr + slot.to(tl.int64) * T * K
+    if ATOMIC:  # one table shared by all programs
+        JOINT_slot = JOINT_ptr
+    else:  # this program's private slot
+        JOINT_slot = JOINT_ptr + pid.to(tl.int64) * T * K
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = offs_n < N
