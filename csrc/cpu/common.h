@@ -10,6 +10,14 @@
 #include <cstring>
 #include <vector>
 
+// Hot row loops are compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline ISA, and the
+// loader picks one at run time, so one binary is both portable and 8 floats wide where it can.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FAIRKERNELS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FAIRKERNELS_MULTIVERSION
+#endif
+
 namespace fairkernels::cpu {
 
 // Rows are cut into a fixed number of chunks that depends only on the problem size, never on
@@ -35,7 +43,8 @@ inline ChunkPlan plan_chunks(int64_t rows, int64_t partial_elems) {
 }
 
 // exp(x) for float, branch-free so that GCC vectorises the loops that call it (std::exp does
-// not vectorise without -ffast-math). Cephes expf: range reduction x = n ln2 + r, |r| <= ln2/2,
+// not vectorise without -ffast-math; the selects below need -fno-trapping-math, set by every
+// build of csrc/: setup.py, fairkernels/_extension.py, CMakeLists.txt). Cephes expf: range reduction x = n ln2 + r, |r| <= ln2/2,
 // degree-6 polynomial; about 1 ulp. Inputs below -87.3 (exp underflows) give exactly 0, so
 // 0 log 0 terms vanish as SPEC 3 requires.
 inline float exp_float(float x) {

@@ -10,7 +10,7 @@ namespace {
 // One chunk of rows of the forward: writes lse, accumulates c into joint (T x K, double) and
 // sum c log c into *ent. `row_exp` holds K values of exp(x - max) for the current row.
 template <typename scalar_t, typename index_t>
-void fcmi_fwd_rows(const scalar_t* logits, const index_t* groups, int64_t row_begin, int64_t row_end,
+FAIRKERNELS_MULTIVERSION void fcmi_fwd_rows(const scalar_t* logits, const index_t* groups, int64_t row_begin, int64_t row_end,
                    int64_t num_clusters, int64_t num_groups, scalar_t* lse, double* joint, double* ent,
                    scalar_t* row_exp, bool* bad_group) {
   double ent_chunk = 0.0;
@@ -48,7 +48,7 @@ void fcmi_fwd_rows(const scalar_t* logits, const index_t* groups, int64_t row_be
 }
 
 template <typename scalar_t, typename index_t>
-void fcmi_bwd_rows(const scalar_t* logits, const index_t* groups, const scalar_t* lse, const scalar_t* table,
+FAIRKERNELS_MULTIVERSION void fcmi_bwd_rows(const scalar_t* logits, const index_t* groups, const scalar_t* lse, const scalar_t* table,
                    scalar_t logc_coef, int64_t row_begin, int64_t row_end, int64_t num_clusters,
                    int64_t num_groups, scalar_t* grad, scalar_t* row_c, scalar_t* row_g, bool* bad_group) {
   for (int64_t i = row_begin; i < row_end; ++i) {

@@ -29,7 +29,7 @@ bool gather_rows(const scalar_t* table, const index_t* groups, const scalar_t* w
 
 // Adds w_i P[i, :] into table[g_i, :] for rows [begin, end); false when a group is out of range.
 template <typename scalar_t, typename index_t>
-bool scatter_rows(const scalar_t* probs, const index_t* groups, const scalar_t* weights, int64_t begin, int64_t end,
+FAIRKERNELS_MULTIVERSION bool scatter_rows(const scalar_t* probs, const index_t* groups, const scalar_t* weights, int64_t begin, int64_t end,
                   int64_t num_groups, int64_t num_clusters, double* table) {
   bool ok = true;
   for (int64_t i = begin; i < end; ++i) {
