@@ -3,11 +3,12 @@
 Order: the prebuilt `fairkernels._C` (pip install --no-build-isolation), else a JIT build of the
 bundled csrc/ with torch.utils.cpp_extension.load (cache dir: $FAIRKERNELS_CACHE, default
 ~/.cache/fairkernels), else None with one warning: the ops then use the reference backend.
-FAIRKERNELS_NO_JIT=1 skips the JIT build.
+FAIRKERNELS_NO_JIT=1 skips the JIT build; FAIRKERNELS_NO_EXTENSION=1 ignores the prebuilt module
+(tests of the fallback paths). Once the ops are registered, fairkernels._fake adds their fake
+(meta) implementations for torch.compile.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import os
 import warnings
@@ -31,21 +32,38 @@ def _jit_build():
     os.makedirs(cache, exist_ok=True)
     sources = sorted(glob.glob(os.path.join(src, "cpu", "*.cpp"))) + [os.path.join(src, "ops.cpp")]
     cpp.load(name="fairkernels_C", sources=sources, build_directory=cache,
-             extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++17"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
 
 
-@functools.lru_cache(maxsize=None)
+def _register_fakes() -> None:
+    from fairkernels import _fake  # noqa: F401  (meta kernels so torch.compile can trace the ops)
+
+
+# The outcome of the first load(); a plain dict (not functools.lru_cache) so that torch.compile
+# traces load() as a constant lookup without a warning.
+_LOADED: dict = {}
+
+
 def load() -> bool:
     """True when torch.ops.fairkernels kernels are registered; warns once when they are not."""
-    try:
-        from fairkernels import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
-        return True
-    except ImportError:
-        pass
+    if "ok" not in _LOADED:
+        _LOADED["ok"] = _load_once()
+    return _LOADED["ok"]
+
+
+def _load_once() -> bool:
+    if os.environ.get("FAIRKERNELS_NO_EXTENSION") != "1":
+        try:
+            from fairkernels import _C  # noqa: F401  (importing registers the TORCH_LIBRARY ops)
+            _register_fakes()
+            return True
+        except ImportError:
+            pass
     if os.environ.get("FAIRKERNELS_NO_JIT") != "1":
         try:
             _jit_build()
+            _register_fakes()
             return True
         except Exception as err:  # a missing compiler, headers, ... : fall back, but say so
             reason = f"{type(err).__name__}: {err}".splitlines()[0]

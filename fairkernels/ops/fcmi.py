@@ -59,7 +59,11 @@ def _gradient_table(grad_clu, grad_fair, log_p_cluster, log_p_joint, num_rows):
 
 
 def _counts(groups, num_groups, dtype):
-    return torch.bincount(groups, minlength=num_groups)[:num_groups].to(dtype)
+    # n_t by an integer index_add: unlike bincount its output length does not depend on the
+    # data, so torch.compile traces it without an unbacked size (fullgraph=True).
+    ones = torch.ones_like(groups, dtype=torch.int64)
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=groups.device)
+    return counts.index_add_(0, groups.long(), ones).to(dtype)
 
 
 class FcmiFunction(torch.autograd.Function):

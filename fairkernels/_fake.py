@@ -1,0 +1,63 @@
+"""Fake (meta) implementations of every torch.ops.fairkernels operator (schemas: csrc/ops.cpp).
+
+They give torch.compile / torch.export the output shapes and dtypes without running a kernel, so
+a compiled function that calls the cpu/cuda backends traces as one opaque op per kernel
+(fullgraph=True works). Imported by fairkernels._extension once the operators are registered.
+"""
+from __future__ import annotations
+
+import torch
+
+from fairkernels.reference import _acc_dtype
+
+
+def _register(name):
+    return torch.library.register_fake(f"fairkernels::{name}")
+
+
+@_register("fcmi_fwd")
+def _fcmi_fwd(logits, groups, num_groups, deterministic):
+    acc = _acc_dtype(logits.dtype)
+    rows, num_clusters = logits.shape
+    return (logits.new_empty((rows,), dtype=acc), logits.new_empty((num_groups, num_clusters), dtype=acc),
+            logits.new_empty((), dtype=acc))
+
+
+@_register("fcmi_bwd")
+def _fcmi_bwd(logits, groups, lse, table, logc_coef, deterministic):
+    return torch.empty_like(logits)
+
+
+@_register("histogram_fwd")
+def _histogram_fwd(probs, groups, weights, num_groups, deterministic):
+    return probs.new_empty((num_groups, probs.shape[1]), dtype=_acc_dtype(probs.dtype))
+
+
+@_register("histogram_bwd")
+def _histogram_bwd(grad_joint, groups, weights):
+    return grad_joint.new_empty((groups.shape[0], grad_joint.shape[1]))
+
+
+@_register("student_t_fwd")
+def _student_t_fwd(z, centers, alpha):
+    return z.new_empty((z.shape[0], centers.shape[0]))
+
+
+@_register("student_t_bwd")
+def _student_t_bwd(grad_q, q, z, centers, alpha):
+    return torch.empty_like(z), torch.empty_like(centers)
+
+
+@_register("cosine_fwd")
+def _cosine_fwd(h, centers, tau):
+    return h.new_empty((h.shape[0], centers.shape[0]))
+
+
+@_register("cosine_bwd")
+def _cosine_bwd(grad_c, c, h, centers, tau):
+    return torch.empty_like(h), torch.empty_like(centers)
+
+
+@_register("kmeans_assign")
+def _kmeans_assign(x, centers):
+    return x.new_empty((x.shape[0],), dtype=torch.long), x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
