@@ -282,7 +282,8 @@ def test_fuzz_fcmi_loss_from_embeddings(device, backend, dtypes):
             return reference.fcmi_loss_from_embeddings(h_view(hh), c_view(cc), groups, effective, tau, alpha, beta)
 
         check_against_reference(draw, fused, ref, [h, centers], [torch.tensor(1.0, dtype=torch.float64)],
-                                input_scale=1.0 / tau, gradient_terms=_normalisation_terms(tau, h, centers))
+                                input_scale=1.0 / tau,
+                                gradient_terms=_normalisation_terms(tau, h_view(h), c_view(centers)))
         _count("fcmi_loss_from_embeddings", backend)
 
     run()
@@ -373,7 +374,7 @@ def test_fuzz_cosine_assign(device, backend, dtypes):
             draw, lambda hh, cc: fk.cosine_assign(h_view(hh), c_view(cc), tau, backend=backend),
             lambda hh, cc: reference.cosine_assign(h_view(hh), c_view(cc), tau),
             [h, centers], [seed], input_scale=1.0 / tau,
-            gradient_terms=_normalisation_terms(tau, h, centers) * seed.abs().max().item())
+            gradient_terms=_normalisation_terms(tau, h_view(h), c_view(centers)) * seed.abs().max().item())
         _count("cosine_assign", backend)
 
     run()
