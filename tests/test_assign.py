@@ -1,0 +1,101 @@
+"""Soft assignments (SPEC 1.1 Student-t, 1.2 cosine) and the k-means assignment kernel."""
+import pytest
+import torch
+
+import fairkernels
+from fairkernels import reference
+from fairkernels.ops import torch_kernels
+from tests.helpers import assert_close_to_reference, available_backends, fused_backends
+
+OPS = {
+    "student_t": (fairkernels.student_t_assign, reference.student_t_assign, 1.5),
+    "cosine": (fairkernels.cosine_assign, reference.cosine_assign, 0.2),
+}
+
+
+def _inputs(n, k, d, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    centers = torch.randn(k, d, generator=gen, dtype=torch.float64).to(dtype)
+    return x, centers
+
+
+def _out_and_grads(fn, x, centers):
+    xv, cv = x.clone().requires_grad_(), centers.clone().requires_grad_()
+    out = fn(xv, cv)
+    upstream = torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape)
+    (out * upstream).sum().backward()
+    return out.detach(), xv.grad, cv.grad
+
+
+def _cases(op):
+    return [(op, b) for b in available_backends(op)]
+
+
+@pytest.mark.parametrize("op,backend", _cases("student_t") + _cases("cosine"))
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (5, 3, 2), (123, 10, 7), (4097, 3, 16), (33, 257, 5)])
+def test_assign_matches_reference_float64(op, backend, n, k, d):
+    public, ref, param = OPS[op]
+    x, centers = _inputs(n, k, d, seed=n + k)
+    got = _out_and_grads(lambda a, b: public(a, b, param, backend=backend), x, centers)
+    want = _out_and_grads(lambda a, b: ref(a, b, param), x, centers)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("op,backend", [(o, b) for o in OPS for b in fused_backends(o)])
+def test_assign_gradcheck(op, backend):
+    public, _, param = OPS[op]
+    x, centers = _inputs(6, 4, 3, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b: public(a, b, param, backend=backend),
+                                    (x.requires_grad_(), centers.requires_grad_()))
+
+
+@pytest.mark.parametrize("op,backend", [(o, b) for o in OPS for b in fused_backends(o, dtype=torch.float32)])
+def test_assign_float32_close_to_reference(op, backend):
+    public, ref, param = OPS[op]
+    x64, c64 = _inputs(4097, 10, 16, seed=2)
+    x32, c32 = x64.float(), c64.float()
+    got = _out_and_grads(lambda a, b: public(a, b, param, backend=backend), x32, c32)
+    same = _out_and_grads(lambda a, b: ref(a, b, param), x32, c32)
+    want = _out_and_grads(lambda a, b: ref(a, b, param), x64, c64)
+    for a, s, w in zip(got, same, want):
+        assert a.dtype == torch.float32
+        assert_close_to_reference(a, s, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", available_backends("cosine"))
+def test_cosine_zero_rows_finite(backend):
+    x, centers = _inputs(5, 3, 4)
+    x[2] = 0.0                                    # norm below the 1e-12 clamp
+    centers[1] = 0.0
+    got = _out_and_grads(lambda a, b: fairkernels.cosine_assign(a, b, 0.1, backend=backend), x, centers)
+    want = _out_and_grads(lambda a, b: reference.cosine_assign(a, b, 0.1), x, centers)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("op,backend", [(o, b) for o in OPS for b in available_backends(o)])
+def test_assign_non_contiguous(op, backend):
+    public, ref, param = OPS[op]
+    x, centers = _inputs(40, 6, 10, seed=3)
+    got = _out_and_grads(lambda a, b: public(a[:, ::2], b[:, ::2], param, backend=backend), x, centers)
+    want = _out_and_grads(lambda a, b: ref(a[:, ::2], b[:, ::2], param), x, centers)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("kmeans_assign"), reason="needs the C++ kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (123, 10, 7), (70000, 20, 3)])
+def test_kmeans_assign_matches_reference(dtype, n, k, d):
+    x, centers = _inputs(n, k, d, dtype=dtype, seed=k)
+    labels, min_dist = torch.ops.fairkernels.kmeans_assign(x, centers)
+    want_labels, want_dist = torch_kernels.kmeans_assign(x, centers)
+    assert labels.dtype == torch.int64 and min_dist.dtype == dtype
+    full = torch_kernels._sq_dist(x, centers)
+    # Ties may resolve differently; the chosen center must be (numerically) a nearest one.
+    torch.testing.assert_close(full.gather(1, labels[:, None])[:, 0], want_dist)
+    torch.testing.assert_close(min_dist, want_dist)
+    assert (labels == want_labels).float().mean() > 0.999

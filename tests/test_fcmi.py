@@ -1,0 +1,186 @@
+"""FCMI ops (SPEC 3) on every available backend vs the float64 reference: values, gradients,
+edge cases (empty clusters, absent groups, huge logits), index dtypes, determinism."""
+import pytest
+import torch
+
+import fairkernels
+from fairkernels import reference
+from fairkernels.ops import fcmi as fcmi_ops
+from tests.helpers import assert_close_to_reference, available_backends, fused_backends
+
+SHAPES = [(1, 1, 1), (5, 3, 2), (123, 10, 7), (4097, 3, 30), (64, 257, 2)]
+
+
+def _inputs(n, k, t, dtype=torch.float64, scale=2.0, seed=0, index_dtype=torch.int64):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=gen, dtype=torch.float64).mul_(scale).to(dtype)
+    groups = torch.randint(0, t, (n,), generator=gen).to(index_dtype)
+    return logits, groups
+
+
+def _value_and_grad(fn, logits):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x)
+    out.backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", available_backends("fcmi"))
+@pytest.mark.parametrize("n,k,t", SHAPES)
+def test_fcmi_loss_matches_reference_float64(backend, n, k, t):
+    logits, groups = _inputs(n, k, t, seed=n + k)
+    val, grad = _value_and_grad(lambda x: fairkernels.fcmi_loss(x, groups, t, 0.3, 0.7, backend=backend), logits)
+    ref_val, ref_grad = _value_and_grad(lambda x: reference.fcmi_loss(x, groups, t, 0.3, 0.7), logits)
+    torch.testing.assert_close(val, ref_val, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", available_backends("fcmi"))
+def test_fcmi_terms_each_term_and_gradient(backend):
+    logits, groups = _inputs(123, 10, 7)
+    for index in (0, 1):
+        val, grad = _value_and_grad(lambda x: fairkernels.fcmi_terms(x, groups, 7, backend=backend)[index], logits)
+        ref_val, ref_grad = _value_and_grad(lambda x: reference.fcmi_terms(x, groups, 7)[index], logits)
+        torch.testing.assert_close(val, ref_val, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi"))
+def test_fcmi_gradcheck(backend):
+    logits, groups = _inputs(9, 4, 3, scale=1.0)
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: fairkernels.fcmi_terms(v, groups, 3, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi", dtype=torch.float32))
+@pytest.mark.parametrize("n,k,t", [(123, 10, 7), (4097, 10, 30), (33, 257, 2)])
+def test_fcmi_float32_close_to_reference(backend, n, k, t):
+    logits64, groups = _inputs(n, k, t, seed=3)
+    logits32 = logits64.float()
+    loss = lambda x: fairkernels.fcmi_loss(x, groups, t, 0.5, 0.5, backend=backend)  # noqa: E731
+    ref = lambda x: reference.fcmi_loss(x, groups, t, 0.5, 0.5)  # noqa: E731
+    val, grad = _value_and_grad(loss, logits32)
+    torch_val, torch_grad = _value_and_grad(ref, logits32)
+    ref_val, ref_grad = _value_and_grad(ref, logits64)
+    assert val.dtype == grad.dtype == torch.float32
+    assert_close_to_reference(val, torch_val, ref_val, atol=1e-6)
+    assert_close_to_reference(grad, torch_grad, ref_grad, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", available_backends("fcmi"))
+def test_empty_clusters_absent_groups_and_huge_logits(backend):
+    n, k = 40, 5
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    logits[:, 4] = -1e4                      # cluster 4 empty: p_k underflows to exactly 0
+    logits[::7, 0] = 1e4                     # saturated rows: c is one-hot
+    groups = torch.randint(0, 3, (n,), generator=gen) * 2  # groups 1, 3, 5 absent, T = 6
+    val, grad = _value_and_grad(lambda x: fairkernels.fcmi_loss(x, groups, 6, backend=backend), logits)
+    ref_val, ref_grad = _value_and_grad(lambda x: reference.fcmi_loss(x, groups, 6), logits)
+    assert torch.isfinite(val) and torch.isfinite(grad).all()
+    torch.testing.assert_close(val, ref_val, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi", dtype=torch.float32))
+def test_huge_logits_float32_finite(backend):
+    logits, groups = _inputs(257, 10, 3, dtype=torch.float32, scale=1e4)
+    val, grad = _value_and_grad(lambda x: fairkernels.fcmi_loss(x, groups, 3, backend=backend), logits)
+    assert torch.isfinite(val) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", available_backends("fcmi"))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_index_dtypes_and_non_contiguous(backend, index_dtype):
+    wide, groups = _inputs(50, 12, 4, index_dtype=index_dtype)
+    logits = wide[:, ::2]                     # non-contiguous view, K = 6
+    assert not logits.is_contiguous()
+    val, grad = _value_and_grad(lambda x: fairkernels.fcmi_loss(x[:, ::2], groups, 4, backend=backend), wide)
+    ref_val, ref_grad = _value_and_grad(lambda x: reference.fcmi_loss(x[:, ::2], groups.long(), 4), wide)
+    torch.testing.assert_close(val, ref_val, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi", dtype=torch.float32))
+def test_deterministic_bitwise(backend):
+    logits, groups = _inputs(5000, 10, 7, dtype=torch.float32, seed=5)
+    runs = [_value_and_grad(lambda x: fairkernels.fcmi_loss(x, groups, 7, backend=backend, deterministic=True),
+                            logits) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi", dtype=torch.float32), reason="needs the C++ kernels")
+def test_cpu_bitwise_identical_across_thread_counts():
+    """The cpu kernels reduce over a thread-count-independent row partition (csrc/cpu/common.h)."""
+    logits, groups = _inputs(30000, 10, 7, dtype=torch.float32, seed=6)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.fairkernels.fcmi_fwd(logits, groups, 7, True))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", available_backends("fcmi_embeddings"))
+@pytest.mark.parametrize("n,k,t,d", [(5, 3, 2, 4), (123, 10, 7, 16)])
+def test_fcmi_loss_from_embeddings(backend, n, k, t, d):
+    gen = torch.Generator().manual_seed(n)
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    centers = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, t, (n,), generator=gen)
+    out = _grads_embeddings(lambda a, b: fairkernels.fcmi_loss_from_embeddings(a, b, groups, t, 0.2, backend=backend),
+                            h, centers)
+    ref = _grads_embeddings(lambda a, b: reference.fcmi_loss_from_embeddings(a, b, groups, t, 0.2), h, centers)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+def _grads_embeddings(fn, h, centers):
+    hv, cv = h.clone().requires_grad_(), centers.clone().requires_grad_()
+    out = fn(hv, cv)
+    out.backward()
+    return out.detach(), hv.grad, cv.grad
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi_embeddings"))
+def test_fcmi_embeddings_chunked_path_matches_reference(backend, monkeypatch):
+    monkeypatch.setattr(fcmi_ops, "EMBEDDING_CHUNK_ELEMENTS", 7 * 4)   # 7 rows per chunk, K = 4
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    centers = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 3, (50,), generator=gen)
+    assert len(fcmi_ops._embedding_chunks(50, 4)) == 8
+    out = _grads_embeddings(lambda a, b: fairkernels.fcmi_loss_from_embeddings(a, b, groups, 3, backend=backend),
+                            h, centers)
+    ref = _grads_embeddings(lambda a, b: reference.fcmi_loss_from_embeddings(a, b, groups, 3), h, centers)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", fused_backends("fcmi_embeddings"))
+def test_fcmi_embeddings_gradcheck(backend):
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    centers = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    groups = torch.randint(0, 2, (7,), generator=gen)
+    assert torch.autograd.gradcheck(
+        lambda a, b: fairkernels.fcmi_loss_from_embeddings(a, b, groups, 2, 0.5, backend=backend), (h, centers))
+
+
+def test_explicit_backends():
+    logits, groups = _inputs(10, 3, 2)
+    if "cpu" in available_backends("fcmi"):
+        fairkernels.fcmi_loss(logits, groups, 2, backend="cpu")
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        fairkernels.fcmi_loss(logits, groups, 2, backend="cuda")
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi"), reason="needs the C++ kernels")
+def test_cpu_kernel_rejects_out_of_range_groups():
+    logits, _ = _inputs(10, 3, 2)
+    with pytest.raises(RuntimeError, match="groups must lie in"):
+        torch.ops.fairkernels.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
