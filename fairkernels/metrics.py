@@ -149,7 +149,8 @@ def mnce_from_counts(counts) -> float:
     if entropy_groups <= 0.0:
         return 1.0
     conditional = _entropy_rows(counts / counts.sum(axis=1, keepdims=True))
-    return float(max(conditional.min(), 0.0) / entropy_groups)
+    # + 0.0 turns the -0.0 of an all-zero entropy row into 0.0 (tables print '-0.0' otherwise)
+    return float(max(conditional.min(), 0.0) / entropy_groups) + 0.0
 
 
 def fwd_from_counts(counts, ground: str = "discrete") -> tuple[float, float]:
