@@ -30,7 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 fuzz: $(STAMP)
-	FAIRKERNELS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py -p no:randomly -s
+	FAIRKERNELS_FUZZ_EXAMPLES=10000 FAIRKERNELS_FUZZ_TRITON_EXAMPLES=$${FAIRKERNELS_FUZZ_TRITON_EXAMPLES:-100} \
+		$(PY) -m pytest -q tests/test_fuzz.py -p no:randomly -s
 
 million: $(STAMP)
 	$(PY) python/million_points.py

@@ -54,7 +54,11 @@ def _tiny(device: str, backend: str) -> bool:
 
 
 def fuzz(device: str, backend: str):
-    examples = max(3, EXAMPLES // TRITON_INTERPRETER_SHARE) if _tiny(device, backend) else EXAMPLES
+    examples = EXAMPLES
+    if _tiny(device, backend):
+        # $FAIRKERNELS_FUZZ_TRITON_EXAMPLES caps the interpreter's share in long runs (make fuzz)
+        examples = int(os.environ.get("FAIRKERNELS_FUZZ_TRITON_EXAMPLES",
+                                      max(3, EXAMPLES // TRITON_INTERPRETER_SHARE)))
     return settings(max_examples=examples, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 
