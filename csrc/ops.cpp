@@ -8,6 +8,8 @@
 TORCH_LIBRARY(fairkernels, m) {
   m.def("fcmi_fwd(Tensor logits, Tensor groups, int num_groups, bool deterministic) -> (Tensor lse, Tensor joint, Tensor ent_sum)");
   m.def("fcmi_bwd(Tensor logits, Tensor groups, Tensor lse, Tensor table, Tensor logc_coef, bool deterministic) -> Tensor");
+  m.def("fcmi_emb_fwd(Tensor h, Tensor centers, Tensor groups, int num_groups, float tau, bool deterministic) -> (Tensor lse, Tensor joint, Tensor ent_sum)");
+  m.def("fcmi_emb_bwd(Tensor h, Tensor centers, Tensor groups, Tensor lse, Tensor table, Tensor logc_coef, float tau, bool deterministic) -> (Tensor grad_h, Tensor grad_centers)");
   m.def("histogram_fwd(Tensor probs, Tensor groups, Tensor? weights, int num_groups, bool deterministic) -> Tensor");
   m.def("histogram_bwd(Tensor grad_joint, Tensor groups, Tensor? weights) -> Tensor");
   m.def("student_t_fwd(Tensor z, Tensor centers, float alpha) -> Tensor");
@@ -20,6 +22,8 @@ TORCH_LIBRARY(fairkernels, m) {
 TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("fcmi_fwd", &fairkernels::cpu::fcmi_fwd);
   m.impl("fcmi_bwd", &fairkernels::cpu::fcmi_bwd);
+  m.impl("fcmi_emb_fwd", &fairkernels::cpu::fcmi_emb_fwd);
+  m.impl("fcmi_emb_bwd", &fairkernels::cpu::fcmi_emb_bwd);
   m.impl("histogram_fwd", &fairkernels::cpu::histogram_fwd);
   m.impl("histogram_bwd", &fairkernels::cpu::histogram_bwd);
   m.impl("student_t_fwd", &fairkernels::cpu::student_t_fwd);

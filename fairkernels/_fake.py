@@ -28,6 +28,18 @@ def _fcmi_bwd(logits, groups, lse, table, logc_coef, deterministic):
     return torch.empty_like(logits)
 
 
+@_register("fcmi_emb_fwd")
+def _fcmi_emb_fwd(h, centers, groups, num_groups, tau, deterministic):
+    acc = _acc_dtype(h.dtype)
+    return (h.new_empty((h.shape[0],), dtype=acc), h.new_empty((num_groups, centers.shape[0]), dtype=acc),
+            h.new_empty((), dtype=acc))
+
+
+@_register("fcmi_emb_bwd")
+def _fcmi_emb_bwd(h, centers, groups, lse, table, logc_coef, tau, deterministic):
+    return torch.empty_like(h), torch.empty_like(centers)
+
+
 @_register("histogram_fwd")
 def _histogram_fwd(probs, groups, weights, num_groups, deterministic):
     return probs.new_empty((num_groups, probs.shape[1]), dtype=_acc_dtype(probs.dtype))

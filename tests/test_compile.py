@@ -76,6 +76,9 @@ def test_fake_kernels_shapes_and_dtypes():
     calls = [
         lambda a, b, c, grp, p: ops.fcmi_fwd(a, grp, 3, False),
         lambda a, b, c, grp, p: ops.fcmi_bwd(a, grp, a[:, 0], torch.zeros(3, 3, dtype=a.dtype), a[0, 0], False),
+        lambda a, b, c, grp, p: ops.fcmi_emb_fwd(a, c, grp, 3, 0.1, False),
+        lambda a, b, c, grp, p: ops.fcmi_emb_bwd(a, c, grp, a[:, 0], torch.zeros(3, 4, dtype=a.dtype), a[0, 0], 0.1,
+                                                 False),
         lambda a, b, c, grp, p: ops.histogram_fwd(p, grp, None, 3, False),
         lambda a, b, c, grp, p: ops.histogram_bwd(torch.ones(3, 4, dtype=a.dtype), grp, a[:, 0]),
         lambda a, b, c, grp, p: ops.student_t_fwd(a, c, 1.0),

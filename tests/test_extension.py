@@ -10,7 +10,7 @@ import torch
 
 from fairkernels import _backend
 
-OPS = ("fcmi_fwd", "fcmi_bwd", "histogram_fwd", "histogram_bwd", "student_t_fwd", "student_t_bwd",
+OPS = ("fcmi_fwd", "fcmi_bwd", "fcmi_emb_fwd", "fcmi_emb_bwd", "histogram_fwd", "histogram_bwd", "student_t_fwd", "student_t_bwd",
        "cosine_fwd", "cosine_bwd", "kmeans_assign")
 HAS_EXTENSION = _backend.unavailable_reason("cpu", torch.device("cpu"), torch.float32, "fcmi") is None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -184,3 +184,93 @@ def test_cpu_kernel_rejects_out_of_range_groups():
     logits, _ = _inputs(10, 3, 2)
     with pytest.raises(RuntimeError, match="groups must lie in"):
         torch.ops.fairkernels.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
+
+
+def _embedding_inputs(n, k, t, d, dtype, seed, index_dtype=torch.int64):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    centers = torch.randn(k, d, generator=gen, dtype=torch.float64).to(dtype)
+    groups = torch.randint(0, t, (n,), generator=gen).to(index_dtype)
+    return h, centers, groups
+
+
+def _emb_kernel_outputs(k, h, centers, groups, t, tau):
+    """(lse, joint, ent_sum, grad_h, grad_centers) of one backend's fused or chunked kernels."""
+    acc = h.dtype
+    table = torch.linspace(-1.0, 1.0, t * centers.shape[0], dtype=acc).reshape(t, -1)
+    logc_coef = torch.tensor(0.3, dtype=acc)
+    if k is None:
+        stats = fcmi_ops._chunked_emb_fwd(torch.ops.fairkernels, h, centers, groups, t, tau, True)
+        grads = fcmi_ops._chunked_emb_bwd(torch.ops.fairkernels, h, centers, groups, stats[0], table,
+                                          logc_coef, tau, True)
+    else:
+        stats = k.fcmi_emb_fwd(h, centers, groups, t, tau, True)
+        grads = k.fcmi_emb_bwd(h, centers, groups, stats[0], table, logc_coef, tau, True)
+    return (*stats, *grads)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi_embeddings"), reason="needs the C++ kernels")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_cpu_fused_embedding_kernels_match_chunked_path(dtype, tol, index_dtype):
+    """fcmi_emb_fwd/_bwd (csrc/cpu/fcmi_emb.cpp) == the chunked fcmi_fwd/_bwd path, kernel by
+    kernel, over several row chunks and a ragged last block; one row of h is all zeros."""
+    h, centers, groups = _embedding_inputs(4099, 11, 5, 7, dtype, seed=21, index_dtype=index_dtype)
+    h[17] = 0.0
+    got = _emb_kernel_outputs(torch.ops.fairkernels, h, centers, groups, 5, 0.3)
+    want = _emb_kernel_outputs(None, h, centers, groups, 5, 0.3)
+    for name, a, b in zip(("lse", "joint", "ent_sum", "grad_h", "grad_centers"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        scale = b.abs().max().clamp_min(1.0)
+        if name == "grad_h":   # the zero row's gradient is dL/dunit / eps: compare it relatively
+            scale = b.abs().amax(1, keepdim=True).clamp_min(1.0)
+        assert ((a - b).abs() / scale).max() <= tol, name
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi_embeddings"), reason="needs the C++ kernels")
+def test_cpu_fused_embeddings_zero_rows_finite_and_match_reference():
+    h, centers, groups = _embedding_inputs(40, 4, 3, 5, torch.float64, seed=8)
+    h[::7] = 0.0
+    out = _grads_embeddings(lambda a, b: fairkernels.fcmi_loss_from_embeddings(a, b, groups, 3, backend="cpu"),
+                            h, centers)
+    ref = _grads_embeddings(lambda a, b: reference.fcmi_loss_from_embeddings(a, b, groups, 3), h, centers)
+    for got, want in zip(out, ref):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi_embeddings"), reason="needs the C++ kernels")
+def test_cpu_fused_embeddings_gradcheck_float64():
+    h, centers, groups = _embedding_inputs(70, 5, 3, 4, torch.float64, seed=4)   # 2 row blocks
+    h.requires_grad_()
+    centers.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: fairkernels.fcmi_terms_from_embeddings(a, b, groups, 3, 0.7, backend="cpu"), (h, centers))
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi_embeddings"), reason="needs the C++ kernels")
+def test_cpu_fused_embeddings_bitwise_identical_across_thread_counts():
+    h, centers, groups = _embedding_inputs(30000, 10, 7, 16, torch.float32, seed=5)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_emb_kernel_outputs(torch.ops.fairkernels, h, centers, groups, 7, 0.1))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi_embeddings"), reason="needs the C++ kernels")
+def test_cpu_fused_embedding_kernels_reject_bad_arguments():
+    h, centers, groups = _embedding_inputs(10, 3, 2, 4, torch.float64, seed=1)
+    ops = torch.ops.fairkernels
+    with pytest.raises(RuntimeError, match="groups must lie in"):
+        ops.fcmi_emb_fwd(h, centers, torch.full((10,), 5), 2, 0.1, False)
+    with pytest.raises(RuntimeError, match="columns but h has"):
+        ops.fcmi_emb_fwd(h, centers[:, :3], groups, 2, 0.1, False)
+    with pytest.raises(RuntimeError, match="tau must be > 0"):
+        ops.fcmi_emb_fwd(h, centers, groups, 2, 0.0, False)

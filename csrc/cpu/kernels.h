@@ -16,6 +16,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits
 at::Tensor fcmi_bwd(const at::Tensor& logits, const at::Tensor& groups, const at::Tensor& lse,
                     const at::Tensor& table, const at::Tensor& logc_coef, bool deterministic);
 
+// SPEC 1.2 + 3 fused: the statistics of fcmi_fwd for logits = cos(h, centers) / tau, and the
+// gradients of the loss (given table, logc_coef as in fcmi_bwd) w.r.t. h and centers.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h, const at::Tensor& centers,
+                                                            const at::Tensor& groups, int64_t num_groups,
+                                                            double tau, bool deterministic);
+std::tuple<at::Tensor, at::Tensor> fcmi_emb_bwd(const at::Tensor& h, const at::Tensor& centers,
+                                                const at::Tensor& groups, const at::Tensor& lse,
+                                                const at::Tensor& table, const at::Tensor& logc_coef, double tau,
+                                                bool deterministic);
+
 // SPEC 2.1: J_tk = sum_{g_i = t} w_i P_ik and its gather backward.
 at::Tensor histogram_fwd(const at::Tensor& probs, const at::Tensor& groups, const std::optional<at::Tensor>& weights,
                          int64_t num_groups, bool deterministic);
