@@ -6,6 +6,12 @@
 train writes OUT/metrics.json (every metric, wall time, points/s, peak memory, the config and
 the per-epoch history), OUT/labels.npy, OUT/checkpoints/last.pt (atomic, every epoch; --resume
 continues from it) and OUT/figures/*.png.
+
+Under torchrun the same command trains with DistributedDataParallel (gloo on CPU, nccl on GPU,
+one GPU per process); --batch-size is the global batch, split evenly across the processes, and
+rank 0 alone writes the outputs:
+
+    torchrun --nproc_per_node=2 -m fairkernels.cli train --method fcmi --dataset synthetic --out runs/ddp
 """
 from __future__ import annotations
 
@@ -67,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="runs/train", help="output directory")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    train.add_argument("--dtype", choices=("float32", "float64"), default=None, help="data and model dtype")
+    train.add_argument("--kmeans-iter", type=int, default=None, help="Lloyd iterations per center refresh")
+    train.add_argument("--kmeans-sample-size", type=int, default=None,
+                       help="rows each center refresh clusters (default: all)")
+    train.add_argument("--distributed", action="store_true",
+                       help="require a torchrun process group (default: used when WORLD_SIZE > 1)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
 
@@ -109,7 +121,10 @@ def _config_overrides(args, dataset) -> dict:
     overrides = {"n_clusters": n_clusters, "device": args.device, "backend": args.backend, "seed": args.seed,
                  "progress": not args.no_progress, "checkpoint_dir": os.path.join(args.out, "checkpoints"),
                  "resume": args.resume}
-    names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "width": "width"}
+    names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "width": "width", "dtype": "dtype",
+             "kmeans_iter": "kmeans_iter", "kmeans_sample_size": "kmeans_sample_size"}
+    if args.distributed:
+        overrides["distributed"] = True
     if args.method == "fcmi":
         names.update(warmup="warmup_epochs", alpha="alpha", beta="beta")
     else:
@@ -125,16 +140,30 @@ def _config_overrides(args, dataset) -> dict:
 
 
 def cmd_train(args) -> int:
-    from fairkernels import data, metrics
+    from fairkernels import data, distributed
     from fairkernels.train import make_trainer
+    from fairkernels.train.parallel import local_device
 
+    initialised_here = not distributed.is_distributed()
     dataset = data.load(args.dataset, root=args.root, **_data_options(args.data_option))
     trainer = make_trainer(args.method, **_config_overrides(args, dataset))
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+    if local_device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(local_device(args.device))
     started = time.perf_counter()
     trainer.fit(dataset.X, dataset.groups, dataset.y)
     wall = time.perf_counter() - started
+    try:
+        if trainer.parallel.is_rank_zero:      # every rank holds the same labels and history
+            _write_train_outputs(args, dataset, trainer, wall)
+    finally:
+        if initialised_here and distributed.is_distributed():
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    return 0
+
+
+def _write_train_outputs(args, dataset, trainer, wall: float) -> None:
+    from fairkernels import metrics
     labels = trainer.labels_
     scores = metrics.evaluate(dataset.y, labels, dataset.groups, num_groups=int(dataset.groups.max()) + 1)
     num_rows = dataset.X.shape[0]
@@ -144,6 +173,7 @@ def cmd_train(args) -> int:
         "wall_seconds": wall, "epochs_run": trainer.epochs_run, "total_epochs": trainer.total_epochs,
         "points_per_second": num_rows * trainer.epochs_run / wall if wall > 0 and trainer.epochs_run else None,
         "peak_memory_bytes": _peak_memory_bytes(trainer.device), "device": str(trainer.device),
+        "world_size": trainer.world_size,
         "config": vars(trainer.config).copy(), "history": trainer.history,
     }
     os.makedirs(args.out, exist_ok=True)
@@ -154,7 +184,6 @@ def cmd_train(args) -> int:
         write_figures(trainer, dataset, labels, os.path.join(args.out, "figures"), args.method)
     print(format_table({args.method: scores}))
     print(f"wall {wall:.1f}s; wrote {os.path.join(args.out, 'metrics.json')}")
-    return 0
 
 
 def write_figures(trainer, dataset, labels, directory: str, name: str) -> list:

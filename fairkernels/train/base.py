@@ -3,7 +3,15 @@ loss terms accumulated on the device (one host sync per epoch), non-finite detec
 metrics and history, atomic checkpoints after every epoch and resume.
 
 A method subclasses Trainer and supplies: build_model, phase(epoch), parameters(phase),
-begin_epoch, batch_losses, end_epoch (predictions on the whole set, or None) and predict_embeddings.
+begin_epoch, batch_losses, end_epoch (predictions for the rows of `self.local(X)`, or None) and
+predict_embeddings.
+
+Under torchrun (config.distributed, or WORLD_SIZE > 1; see fairkernels.train.parallel) the model
+is wrapped in DistributedDataParallel with its BatchNorm layers normalising by the global batch,
+each rank trains on its slice of every global batch of `batch_size` rows, the k-means refresh
+clusters per-rank shards with all-reduced sums (kmeans(process_group=...)), the metrics come
+from all-reduced contingency counts, and rank 0 alone logs and writes checkpoints. With the same
+seed and global batch the run follows the single-process one up to float rounding.
 """
 from __future__ import annotations
 
@@ -19,21 +27,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fairkernels import metrics
 from fairkernels.train import checkpoint as ckpt
 from fairkernels.train.config import TrainConfig
+from fairkernels.train.evaluation import count_pairs, label_codes, metrics_from_counts
+from fairkernels.train.parallel import Parallel, local_device, wants_distributed
+from fairkernels.train.sync_batchnorm import convert_batch_norm
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; the message names the epoch, the term and the checkpoint."""
 
 
-def as_float_tensor(X, name: str = "X") -> torch.Tensor:
+def as_float_tensor(X, name: str = "X", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if isinstance(X, torch.Tensor):
-        tensor = X.detach().to("cpu", torch.float32)
+        tensor = X.detach().to("cpu", dtype)
     else:
         try:
-            tensor = torch.as_tensor(np.asarray(X, dtype=np.float32))
+            tensor = torch.as_tensor(np.asarray(X, dtype=np.float64 if dtype == torch.float64 else np.float32))
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be a numeric array, got {type(X).__name__}") from err
     if tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
@@ -92,6 +102,10 @@ class Trainer(abc.ABC):
         self.config = config
         self.device = torch.device(config.device)
         self.model = None
+        self.ddp = None                      # the DistributedDataParallel wrapper of self.model
+        self.parallel = Parallel(False, self.device)
+        self.eval_shard = slice(None)
+        self._ddp_forward_ran = False
         self.history: list[dict] = []
         self.state: dict = {}
         self.labels_ = None
@@ -138,28 +152,38 @@ class Trainer(abc.ABC):
     # ------------------------------------------------------------------ public API
     def fit(self, X, groups, y=None):
         cfg = self.config
-        X_cpu = as_float_tensor(X)
-        groups_cpu, num_groups = as_group_tensor(groups, X_cpu.shape[0])
+        self.device = local_device(cfg.device)
+        self.parallel = Parallel(wants_distributed(cfg.distributed), self.device)
+        dtype = cfg.torch_dtype
+        X_cpu = as_float_tensor(X, dtype=dtype)
+        num_rows = X_cpu.shape[0]
+        groups_cpu, num_groups = as_group_tensor(groups, num_rows)
         if y is not None:
             y = np.asarray(y)
-            if y.shape != (X_cpu.shape[0],):
-                raise ValueError(f"y must be a vector of length {X_cpu.shape[0]}, got shape {y.shape}")
+            if y.shape != (num_rows,):
+                raise ValueError(f"y must be a vector of length {num_rows}, got shape {y.shape}")
         X_dev, groups_dev = X_cpu.to(self.device), groups_cpu.to(self.device)
-        groups_np = groups_cpu.numpy()
+        self.eval_shard = self.parallel.shard(num_rows)
+        self._eval_labels = None
+        if y is not None:
+            codes, num_labels = label_codes(y)
+            self._eval_labels = (torch.as_tensor(codes)[self.eval_shard].to(self.device), num_labels)
         self.num_groups = num_groups
         ckpt.seed_everything(cfg.seed)
-        self.model = self.build_model(X_cpu.shape[1], num_groups).to(self.device)
+        self.model = self.build_model(X_cpu.shape[1], num_groups).to(self.device, dtype)
         self.history, self.state = [], {}
         start_epoch, saved_optimizer, saved_phase = 0, None, None
         path = ckpt.checkpoint_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         if cfg.resume and path and os.path.exists(path):
             start_epoch, saved_optimizer, saved_phase = self._restore(ckpt.load(path, self.device), X_cpu, num_groups)
+        self._wrap_model()
 
-        from fairkernels.data.stream import BatchStream
-        stream = BatchStream(X_cpu, groups_cpu, cfg.batch_size, shuffle=True, seed=cfg.seed, device=self.device)
+        stream = self.parallel.batch_stream(X_cpu, groups_cpu, cfg.batch_size, seed=cfg.seed, device=self.device)
         optimizer, optimizer_phase = None, None
-        epoch_bar = tqdm(range(start_epoch, self.total_epochs), desc=type(self).__name__, disable=not cfg.progress,
-                         initial=start_epoch, total=self.total_epochs, file=sys.stderr)
+        talk = self.parallel.is_rank_zero
+        epoch_bar = tqdm(range(start_epoch, self.total_epochs), desc=type(self).__name__,
+                         disable=not (cfg.progress and talk), initial=start_epoch, total=self.total_epochs,
+                         file=sys.stderr)
         for epoch in epoch_bar:
             started = time.perf_counter()
             phase = self.phase(epoch)
@@ -174,52 +198,145 @@ class Trainer(abc.ABC):
             pred = self.end_epoch(epoch, phase, X_dev, groups_dev)
             record = {"epoch": epoch, "phase": phase, **terms}
             if pred is not None:
-                record.update(metrics.evaluate(y, pred.cpu().numpy(), groups_np, num_groups=num_groups))
+                record.update(self._evaluate(pred, self.local(groups_dev)))
             record["seconds"] = time.perf_counter() - started
             self.history.append(record)
-            if cfg.verbose:
+            if cfg.verbose and talk:
                 tqdm.write(_format_record(record, self.total_epochs), file=sys.stderr)
             if path:
-                self._save(path, epoch, optimizer, phase)
+                if talk:
+                    self._save(path, epoch, optimizer, phase)
+                self.parallel.barrier()      # no rank reads or resumes from a half-written epoch
             self.epochs_run += 1
         epoch_bar.close()
-        self.labels_ = self.finalize(X_dev, groups_dev).cpu().numpy()
+        self.labels_ = self.parallel.gather_rows(self.finalize(X_dev, groups_dev), num_rows).cpu().numpy()
         return self
 
     def transform(self, X) -> np.ndarray:
         self._check_fitted()
-        X_dev = as_float_tensor(X).to(self.device)
+        X_dev = as_float_tensor(X, dtype=self.config.torch_dtype).to(self.device)
         return encode_all(self.model, X_dev, self.config.eval_chunk_size).cpu().numpy()
 
     def predict(self, X) -> np.ndarray:
         self._check_fitted()
-        X_dev = as_float_tensor(X).to(self.device)
+        X_dev = as_float_tensor(X, dtype=self.config.torch_dtype).to(self.device)
         z = encode_all(self.model, X_dev, self.config.eval_chunk_size)
         return self.predict_embeddings(z).cpu().numpy()
 
-    # ------------------------------------------------------------------ internals
     def _check_fitted(self) -> None:
         if self.model is None or self.labels_ is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(X, groups) first")
 
+    # ------------------------------------------------------------------ distributed pieces
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    def local(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's evaluation shard of a whole-set tensor (all of it in one process)."""
+        return rows[self.eval_shard]
+
+    def train_forward(self, *inputs):
+        """The model's forward for a training batch: through DDP when distributed, so its
+        gradient all-reduce runs in the backward."""
+        if self.ddp is not None and torch.is_grad_enabled():
+            self._ddp_forward_ran = True
+            return self.ddp(*inputs)
+        return self.model(*inputs)
+
+    def _wrap_model(self) -> None:
+        self.ddp = None
+        if not self.parallel.active:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+        convert_batch_norm(self.model, self.parallel.process_group)
+        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                           else None, process_group=self.parallel.ddp_group)
+        self._ddp_param_ids = {id(p) for p in self.model.parameters()}
+
+    def _sync_gradients(self, optimizer) -> None:
+        """Average across ranks the gradients DDP did not: every parameter when the batch did
+        not go through DDP's forward, else those outside the wrapped model."""
+        if not self.parallel.active:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._ddp_forward_ran:
+            params = [p for p in params if id(p) not in self._ddp_param_ids]
+        self.parallel.average_gradients(params)
+
+    @torch.no_grad()
+    def refresh_kmeans(self, X: torch.Tensor, epoch: int, *, spherical: bool, shard_embeddings=None):
+        """k-means centers of the embeddings of the set (or of a fresh sample of
+        config.kmeans_sample_size rows), each rank clustering its shard with all-reduced sums.
+
+        k-means++ runs on the same seeding rows on every rank (max(50 K, 10^4) of them, the
+        kmeans module's rule), rank 0's result is broadcast, then Lloyd refines it over all the
+        rows: the same centers as one process, which would see the same rows.
+        shard_embeddings: the embeddings of self.local(X), when the caller already has them."""
+        from fairkernels.kmeans import SEED_POINTS_PER_CLUSTER, SEED_SAMPLE_MIN, kmeans
+        cfg, par = self.config, self.parallel
+        num_rows = X.shape[0]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        sample_size = cfg.kmeans_sample_size
+        if sample_size is None or sample_size >= num_rows:
+            rows = torch.arange(num_rows)
+            local = shard_embeddings if shard_embeddings is not None else \
+                encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+        else:
+            rows = torch.randperm(num_rows, generator=generator)[:max(sample_size, par.world_size)].sort().values
+            local_rows = rows[par.shard(rows.shape[0])].to(X.device)
+            local = encode_all(self.model, X[local_rows], cfg.eval_chunk_size)
+        seed_count = min(rows.shape[0], max(SEED_POINTS_PER_CLUSTER * cfg.n_clusters, SEED_SAMPLE_MIN))
+        seed_rows = rows[torch.randperm(rows.shape[0], generator=generator)[:seed_count]].sort().values
+        seeds = encode_all(self.model, X[seed_rows.to(X.device)], cfg.eval_chunk_size)
+        if spherical:
+            local, seeds = F.normalize(local, dim=1), F.normalize(seeds, dim=1)
+        init = kmeans(seeds, cfg.n_clusters, init="k-means++", n_iter=0, spherical=spherical,
+                      seed=cfg.seed + epoch, deterministic=cfg.deterministic).centers
+        par.broadcast_(init)
+        result = kmeans(local, cfg.n_clusters, init_centers=init, n_iter=cfg.kmeans_iter, spherical=spherical,
+                        seed=cfg.seed + epoch, deterministic=cfg.deterministic, process_group=par.process_group)
+        return result.centers.to(local.dtype)
+
+    def _evaluate(self, pred: torch.Tensor, groups: torch.Tensor) -> dict:
+        """SPEC 5 metrics of the whole set from this rank's predictions (its shard) and the
+        all-reduced K x T and K x L count tables."""
+        num_clusters, num_groups = self.config.n_clusters, self.num_groups
+        tables = [count_pairs(pred, groups, num_clusters, num_groups).reshape(-1)]
+        if self._eval_labels is not None:
+            labels, num_labels = self._eval_labels
+            tables.append(count_pairs(pred, labels, num_clusters, num_labels).reshape(-1))
+        packed = self.parallel.all_reduce_(torch.cat(tables)).cpu().numpy()
+        group_counts = packed[:num_clusters * num_groups].reshape(num_clusters, num_groups)
+        label_counts = packed[num_clusters * num_groups:].reshape(num_clusters, -1) \
+            if self._eval_labels is not None else None
+        return metrics_from_counts(group_counts, label_counts)
+
+    # ------------------------------------------------------------------ internals
     def _run_epoch(self, epoch: int, phase: str, stream, optimizer) -> dict:
         self.model.train()
         stream.set_epoch(epoch)
         sums, names, num_batches = None, None, 0
-        for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not self.config.progress,
+        progress = self.config.progress and self.parallel.is_rank_zero
+        for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not progress,
                                 file=sys.stderr):
+            self._ddp_forward_ran = False
             loss, terms = self.batch_losses(phase, index, x, g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._sync_gradients(optimizer)
             optimizer.step()
             # Accumulate on the device; the host reads the sums once, at the end of the epoch.
-            values = torch.stack([value.detach().float() for value in terms.values()])
+            values = torch.stack([value.detach().double() for value in terms.values()])
             sums = values if sums is None else sums + values
             names = list(terms)
             num_batches += 1
         if sums is None:
             return {}
-        return dict(zip(names, (sums / num_batches).tolist()))
+        # Every rank ran the same number of batches; the mean over ranks of each rank's batch
+        # means is the global batch mean (equal shares), and the FCMI terms are global already.
+        means = self.parallel.all_reduce_(sums / num_batches) / self.world_size
+        return dict(zip(names, means.tolist()))
 
     def _check_finite(self, epoch: int, terms: dict, path) -> None:
         for name, value in terms.items():

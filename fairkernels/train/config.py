@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 METHODS = ("fcmi", "dfc", "dec", "ae-km")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -14,7 +17,13 @@ class TrainConfig:
     checkpoint_dir: where `last.pt` is written atomically after every epoch (None: no
     checkpoints). resume: continue from `checkpoint_dir/last.pt` when it exists. device: "cpu" or
     "cuda" (or a torch.device string such as "cuda:1"). backend: the fairkernels op backend.
-    eval_chunk_size: rows per chunk when the whole set is encoded / assigned under no_grad."""
+    eval_chunk_size: rows per chunk when the whole set is encoded / assigned under no_grad.
+    dtype: "float32" or "float64" for the data and the model (float64 makes runs comparable
+    across process counts to ~1e-12). kmeans_iter: Lloyd iterations per center refresh;
+    kmeans_sample_size: rows the refresh encodes and clusters (a fresh uniform sample of the
+    set each time; None: every row). distributed: True runs under torchrun's process group
+    (DistributedDataParallel; batch_size is then the global batch, split evenly across the
+    ranks), False never does, None (default) does when WORLD_SIZE > 1."""
     n_clusters: int = 10
     latent_dim: Optional[int] = None          # None: the number of clusters (both papers)
     epochs: int = 300
@@ -31,6 +40,9 @@ class TrainConfig:
     resume: bool = False
     eval_chunk_size: int = 4096
     kmeans_iter: int = 100
+    kmeans_sample_size: Optional[int] = None
+    dtype: str = "float32"
+    distributed: Optional[bool] = None
 
     def validate(self) -> None:
         for name in ("n_clusters", "epochs", "batch_size", "eval_chunk_size", "kmeans_iter"):
@@ -42,12 +54,25 @@ class TrainConfig:
         for name in ("lr", "width"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.kmeans_sample_size is not None and (not isinstance(self.kmeans_sample_size, int)
+                                                    or isinstance(self.kmeans_sample_size, bool)
+                                                    or self.kmeans_sample_size < self.n_clusters):
+            raise ValueError(f"kmeans_sample_size must be None or an int >= n_clusters={self.n_clusters}, "
+                             f"got {self.kmeans_sample_size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None, True or False, got {self.distributed!r}")
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
     @property
     def embedding_dim(self) -> int:
         return self.latent_dim or self.n_clusters
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 @dataclass

@@ -8,6 +8,15 @@ Schedule (one global epoch counter, so checkpoints and resume cover every stage)
                 is refreshed from the whole set every update_interval iterations; the fairoids
                 are kept as state so a group absent from a batch keeps its last value.
 DEC is gamma = 0. AE + k-means clusters the fine-tuned embeddings with k-means.
+
+Under DDP: the fine-tuning forward goes through DistributedDataParallel; the layer-wise
+pretraining (which calls single layers) and the clustering phase (whose centroids mu live
+outside the model) average their gradients with one explicit all-reduce instead. The DEC target
+uses the global f_k (all-reduced) and is gathered to every rank. The batch statistics of the
+fairness loss (the batch centroid estimate M and the fairoids) are per rank: each rank's L_fr
+uses its own share of the global batch, so DFC under DDP matches the single-process run only
+in expectation, not step for step (KL(P||Q), a batch mean, is exact with equal shares), and the
+denoising dropout masks are drawn per rank.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import torch.nn.functional as F
 
 import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
+from fairkernels.reference import LOG_EPS
 from fairkernels.train.base import Trainer, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
 
@@ -76,20 +86,26 @@ class DFCTrainer(Trainer):
         if "mu" in self.state:
             self.mu = torch.nn.Parameter(self.state["mu"].detach().clone())
 
-    def kmeans_centers(self, X, epoch) -> torch.Tensor:
-        from fairkernels.kmeans import kmeans
-        cfg = self.config
-        z = encode_all(self.model, X, cfg.eval_chunk_size)
-        return kmeans(z, cfg.n_clusters, init="k-means++", n_iter=cfg.kmeans_iter, seed=cfg.seed + epoch,
-                      deterministic=cfg.deterministic).centers.to(z.dtype)
+    def kmeans_centers(self, X, epoch, shard_embeddings=None) -> torch.Tensor:
+        return self.refresh_kmeans(X, epoch, spherical=False, shard_embeddings=shard_embeddings)
 
     @torch.no_grad()
     def refresh_target(self, X):
         """DEC target P over the whole set from the current Q (SPEC 4); f_k needs every row."""
         cfg = self.config
-        z = encode_all(self.model, X, cfg.eval_chunk_size)
+        z = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
         q = fk.student_t_assign(z, self.mu.detach(), cfg.alpha, backend=cfg.backend)
-        self.state["target"] = fk.dec_target(q, backend=cfg.backend)
+        if not self.parallel.active:
+            self.state["target"] = fk.dec_target(q, backend=cfg.backend)
+            return
+        # SPEC 4 with f_k summed over every rank's shard; the batches draw rows from the whole
+        # permutation, so every rank gets every row's target.
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_acc = q.to(acc)
+        frequency = self.parallel.all_reduce_(q_acc.sum(0)).clamp_min(LOG_EPS)
+        weight = q_acc * q_acc / frequency
+        local = (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
+        self.state["target"] = self.parallel.gather_rows(local, X.shape[0])
 
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
@@ -102,7 +118,7 @@ class DFCTrainer(Trainer):
             l_rec = F.mse_loss(rebuilt, inputs)
             return l_rec, {"rec": l_rec}
         if phase == "finetune":
-            _, x_hat = self.model(x)
+            _, x_hat = self.train_forward(x)
             l_rec = F.mse_loss(x_hat, x)
             return l_rec, {"rec": l_rec}
         if self.state["iteration"] % cfg.update_interval == 0:
@@ -130,16 +146,16 @@ class DFCTrainer(Trainer):
     def end_epoch(self, epoch, phase, X, groups):
         if phase.startswith("pretrain-"):
             return None           # the embedding is incomplete until every layer is trained
-        z = encode_all(self.model, X, self.config.eval_chunk_size)
+        z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
         if phase == "finetune":
-            self.state["kmeans_centers"] = self.kmeans_centers(X, epoch)
+            self.state["kmeans_centers"] = self.kmeans_centers(X, epoch, shard_embeddings=z)
             return nearest_center(z, self.state["kmeans_centers"], self.config.eval_chunk_size)
         return self.predict_embeddings(z)
 
     def finalize(self, X, groups):
         if self.config.method == "ae-km" or self.mu is None:
             self.state["kmeans_centers"] = self.kmeans_centers(X, self.total_epochs)
-        z = encode_all(self.model, X, self.config.eval_chunk_size)
+        z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
         return self.predict_embeddings(z)
 
     def predict_embeddings(self, z):

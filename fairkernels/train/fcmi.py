@@ -5,6 +5,10 @@ embeddings of the whole training set, recomputed before every epoch (here: at th
 previous one, which is the same model, so the centers double as that epoch's predictions).
 L_clu and L_fair come from the fused fairkernels op (no N x K logits). The first
 warmup_epochs minimise the reconstruction only.
+
+Under DDP the op gets the process group, so L_clu and L_fair are those of the global batch
+(SPEC 6) and its backward gives each rank the exact gradient of the global terms for its own
+rows; see batch_losses for how that meets DDP's gradient averaging.
 """
 from __future__ import annotations
 
@@ -36,40 +40,44 @@ class FCMITrainer(Trainer):
     def phase(self, epoch: int) -> str:
         return "warmup" if epoch < self.config.warmup_epochs else "fcmi"
 
-    def compute_centers(self, X: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Spherical k-means centroids of the normalised embeddings of the whole set."""
-        from fairkernels.kmeans import kmeans
-        cfg = self.config
-        h = F.normalize(encode_all(self.model, X, cfg.eval_chunk_size), dim=1)
-        result = kmeans(h, cfg.n_clusters, init="k-means++", n_iter=cfg.kmeans_iter, spherical=True,
-                        seed=cfg.seed + epoch, deterministic=cfg.deterministic)
-        return result.centers.to(h.dtype)
+    def compute_centers(self, X: torch.Tensor, epoch: int, shard_embeddings=None) -> torch.Tensor:
+        """Spherical k-means centroids of the normalised embeddings of the whole set (or of
+        config.kmeans_sample_size rows of it)."""
+        return self.refresh_kmeans(X, epoch, spherical=True, shard_embeddings=shard_embeddings)
 
     def begin_epoch(self, epoch, phase, X, groups):
         if phase == "fcmi" and "centers" not in self.state:
             self.state["centers"] = self.compute_centers(X, epoch)
 
     def batch_losses(self, phase, index, x, groups):
-        h, x_hat = self.model(x, groups)
+        h, x_hat = self.train_forward(x, groups)
         l_rec = F.mse_loss(x_hat, x)
         if phase == "warmup":
             return l_rec, {"rec": l_rec}
         cfg = self.config
         l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, self.state["centers"], groups, self.num_groups, cfg.tau,
                                                       backend=cfg.backend, deterministic=cfg.deterministic,
-                                                      check_inputs=False)
-        loss = l_rec + cfg.alpha * l_clu + cfg.beta * l_fair
-        return loss, {"rec": l_rec, "clu": l_clu, "fair": l_fair, "loss": loss}
+                                                      process_group=self.parallel.process_group, check_inputs=False)
+        fcmi_term = cfg.alpha * l_clu + cfg.beta * l_fair
+        loss = l_rec + fcmi_term
+        # DDP averages the ranks' gradients. l_rec is this rank's mean over its equal share of
+        # the global batch, so the average of its gradients is the gradient of the global mean.
+        # The fused op's backward already gives this rank's rows their exact share of the
+        # gradient of the global fcmi_term (the shares sum to the whole), so it is scaled by the
+        # world size to survive the averaging. With W = 1 this is the plain loss.
+        objective = l_rec + self.world_size * fcmi_term if self.world_size > 1 else loss
+        return objective, {"rec": l_rec, "clu": l_clu, "fair": l_fair, "loss": loss}
 
     def end_epoch(self, epoch, phase, X, groups):
         # The centers of epoch + 1 (the model no longer changes before it starts).
-        self.state["centers"] = self.compute_centers(X, epoch + 1)
-        return self.predict_embeddings(encode_all(self.model, X, self.config.eval_chunk_size))
+        h = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
+        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h)
+        return self.predict_embeddings(h)
 
     def finalize(self, X, groups):
         if "centers" not in self.state:       # epochs == 0: cluster the untrained embeddings
             self.state["centers"] = self.compute_centers(X, 0)
-        return self.predict_embeddings(encode_all(self.model, X, self.config.eval_chunk_size))
+        return self.predict_embeddings(encode_all(self.model, self.local(X), self.config.eval_chunk_size))
 
     def predict_embeddings(self, z):
         return argmax_cosine(z, self.state["centers"], self.config.eval_chunk_size)
