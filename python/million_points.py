@@ -9,6 +9,11 @@ every epoch runs: the spherical k-means refresh of the centers over all N embedd
 training pass, and the evaluation (encoding all N, assigning, metrics). Prints points/s and
 the split, and writes metrics.json to --out with the same numbers plus ACC / NMI / balance /
 MNCE of the last epoch and the peak memory (ru_maxrss; torch.cuda.max_memory_allocated on GPU).
+
+The k-means refresh clusters a fresh sample of --kmeans-sample-size rows (default
+max(100 K, 2^16), as the FCMI code caps the points per centroid) instead of all N. Under torchrun
+every process trains on its slice of each global batch (--batch-size is global) and rank 0
+reports: torchrun --nproc_per_node=8 python/million_points.py
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from fairkernels.train.config import FCMIConfig  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1_000_000, help="number of points")
+    # --points: torchrun reads a bare --n as an ambiguous abbreviation of its own options.
+    p.add_argument("--n", "--points", dest="n", type=int, default=1_000_000, help="number of points")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=4096)
@@ -46,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--bias", type=float, default=0.5, help="how strongly groups align with clusters")
     p.add_argument("--warmup-epochs", type=int, default=0, help="reconstruction-only epochs first")
     p.add_argument("--kmeans-iter", type=int, default=20, help="Lloyd iterations per center refresh")
+    p.add_argument("--kmeans-sample-size", type=int, default=None,
+                   help="rows per center refresh (default max(100 * clusters, 65536); 0: all rows)")
     p.add_argument("--width", type=float, default=1.0, help="autoencoder width multiplier (1.0: paper size)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -103,7 +111,11 @@ def peak_rss_mb() -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    from fairkernels.train.parallel import local_device
+    device = local_device(args.device)
+    if args.kmeans_sample_size is None:
+        args.kmeans_sample_size = max(100 * args.clusters, 1 << 16)
+    sample_size = args.kmeans_sample_size if 0 < args.kmeans_sample_size < args.n else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -111,11 +123,13 @@ def main(argv=None):
     data = make_synthetic(n=args.n, dim=args.dim, n_clusters=args.clusters, n_groups=args.groups, bias=args.bias,
                           seed=args.seed)
     data_seconds = time.perf_counter() - started
-    print(f"data: {data.description} ({data_seconds:.1f} s)", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"data: {data.description} ({data_seconds:.1f} s)", flush=True)
 
     config = FCMIConfig(n_clusters=args.clusters, epochs=args.epochs, batch_size=args.batch_size,
                         device=str(device), backend=args.backend, seed=args.seed,
                         warmup_epochs=args.warmup_epochs, kmeans_iter=args.kmeans_iter, width=args.width,
+                        kmeans_sample_size=sample_size,
                         eval_chunk_size=1 << 16, progress=False, verbose=False)
     trainer = FCMITrainer(config)
     # Time the parts of each epoch by wrapping this instance's hooks: the k-means refresh
@@ -129,6 +143,10 @@ def main(argv=None):
     trainer.fit(data.X, data.groups, data.y)
     fit_seconds = time.perf_counter() - fit_started
     epochs = [watch.split(record, args.n) for record in trainer.history]
+    if trainer.parallel.active:
+        torch.distributed.destroy_process_group()
+    if not trainer.parallel.is_rank_zero:
+        return None
 
     for split in epochs:
         print(f"epoch {split['epoch']}: {split['seconds']:.2f} s = k-means {split['kmeans_seconds']:.2f} "
@@ -143,6 +161,7 @@ def main(argv=None):
         or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fairkernels": fairkernels.__version__,
         "backend": args.backend, "kmeans_iter": args.kmeans_iter, "width": args.width,
+        "kmeans_sample_size": sample_size, "world_size": trainer.world_size,
         "data_seconds": data_seconds, "fit_seconds": fit_seconds,
         "train_points_per_second": args.n * len(epochs) / train_seconds if train_seconds > 0 else None,
         "epoch_split": epochs,
