@@ -1,8 +1,8 @@
 """BatchNorm with the statistics of the global batch, on any device (gloo on CPU included).
 
 torch.nn.SyncBatchNorm only runs on accelerators; this one all-reduces, with autograd (a sum
-forward, a sum of the incoming gradients backward), the per-channel sums and then the centred sums of squares, so the normalised
-output, the running statistics and the gradients equal those of nn.BatchNorm on the
+forward, a sum of the incoming gradients backward), the per-channel sums and then the centred
+sums of squares, so the normalised output, the running statistics and the gradients equal those of nn.BatchNorm on the
 concatenated batch of every rank, up to float rounding. Two passes (mean first) keep the
 variance accurate in float32, where E[x^2] - E[x]^2 cancels.
 """
