@@ -99,3 +99,33 @@ def test_kmeans_assign_matches_reference(dtype, n, k, d):
     torch.testing.assert_close(full.gather(1, labels[:, None])[:, 0], want_dist)
     torch.testing.assert_close(min_dist, want_dist)
     assert (labels == want_labels).float().mean() > 0.999
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("kmeans_assign"), reason="needs the C++ kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kmeans_assign_ties_pick_lowest_index_across_tiles(dtype):
+    """Duplicated centers tie exactly: the lowest index must win, in every 256-row tile (the
+    last one ragged) and for K not a multiple of the vector width."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    centers = torch.cat([base, base, base[:13 % 12 + 1]]).to(dtype)      # K = 26: k, k + 12 tie
+    x = (base[torch.randint(0, 12, (700,), generator=gen)] * 1.0001).to(dtype)
+    labels, min_dist = torch.ops.fairkernels.kmeans_assign(x, centers)
+    want = torch.cdist(x.double(), base).argmin(1)
+    assert torch.equal(labels, want)
+    assert bool((min_dist >= 0).all())
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("kmeans_assign"), reason="needs the C++ kernels")
+def test_kmeans_assign_bitwise_identical_across_thread_counts():
+    x, centers = _inputs(3001, 37, 6, dtype=torch.float32, seed=9)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.fairkernels.kmeans_assign(x, centers))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
