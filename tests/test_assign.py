@@ -129,3 +129,11 @@ def test_kmeans_assign_bitwise_identical_across_thread_counts():
         torch.set_num_threads(previous)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("student_t"), reason="needs the C++ kernels")
+@pytest.mark.parametrize("op,arg", [("student_t_fwd", 1.0), ("cosine_fwd", 0.1)])
+def test_cpu_soft_assignment_rejects_zero_centers(op, arg):
+    """The softmax epilogue reads the first logit of every row: K = 0 must be refused, not read."""
+    with pytest.raises(RuntimeError, match="at least one row"):
+        getattr(torch.ops.fairkernels, op)(torch.randn(5, 3), torch.randn(0, 3), arg)

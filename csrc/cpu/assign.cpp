@@ -150,6 +150,8 @@ void check_pair(const at::Tensor& x, const char* name, const at::Tensor& centers
   TORCH_CHECK(x.size(1) == centers.size(1), "centers has ", centers.size(1), " columns but ", name, " has ",
               x.size(1));
   TORCH_CHECK(x.scalar_type() == centers.scalar_type(), "centers and ", name, " must have the same dtype");
+  // The softmax epilogues start from v[0] of every row: K = 0 would read past an empty tile.
+  TORCH_CHECK(centers.size(0) >= 1, "centers must have at least one row");
 }
 
 void check_like(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, at::ScalarType dtype) {
