@@ -2,14 +2,18 @@
 empty-cluster re-seeding, chunking invariance, determinism, edge cases and input validation."""
 import numpy as np
 import pytest
+import sys
+
 import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from fairkernels import kmeans as kmeans_module
 from fairkernels.kmeans import kmeans
 from tests.helpers import available_backends
+
+# fk.kmeans is the function (public API); the module itself is needed to patch its chunk size
+kmeans_module = sys.modules["fairkernels.kmeans"]
 
 BACKENDS = available_backends("kmeans_assign", "cpu", torch.float32)
 
