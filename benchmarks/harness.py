@@ -149,7 +149,6 @@ def copy_bandwidth_gbps(device: torch.device, reps: int = MIN_REPS, quick: bool 
     nbytes = COPY_BYTES["quick" if quick else device.type if device.type == "cuda" else "cpu"]
     source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     ms = time_ms(lambda: torch.empty_like(source).copy_(source), device, reps)
-    del source
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
