@@ -1,6 +1,7 @@
 """Trainer configurations (plain dataclasses; every field is a hyper-parameter or a run option)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +89,10 @@ class FCMIConfig(TrainConfig):
     model: str = "mlp"
     multi_branch: bool = True
     image_channels: int = 1
+    center_refresh: str = "warm"
+    refresh_iter: int = 10
+    normalize_latent: bool = True
+    decoder_branch_layers: int = 3
 
     def validate(self) -> None:
         super().validate()
@@ -97,6 +102,22 @@ class FCMIConfig(TrainConfig):
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
         if self.model not in ("mlp", "conv"):
             raise ValueError(f"model must be 'mlp' or 'conv', got {self.model!r}")
+        if self.epochs > 0 and self.warmup_epochs >= self.epochs:
+            warnings.warn(f"warmup_epochs={self.warmup_epochs} >= epochs={self.epochs} would train no fairness "
+                          f"term; the warm-up is shortened to {self.effective_warmup_epochs} epoch(s). Pass "
+                          f"epochs > warmup_epochs to choose it yourself.", UserWarning, stacklevel=3)
+        if self.center_refresh not in ("warm", "restart"):
+            raise ValueError(f"center_refresh must be 'warm' or 'restart', got {self.center_refresh!r}")
+        if not isinstance(self.refresh_iter, int) or isinstance(self.refresh_iter, bool) or self.refresh_iter < 1:
+            raise ValueError(f"refresh_iter must be a positive int, got {self.refresh_iter!r}")
+
+
+    @property
+    def effective_warmup_epochs(self) -> int:
+        """warmup_epochs, or epochs // 5 when the warm-up would leave no FCMI epoch at all."""
+        if self.epochs > 0 and self.warmup_epochs >= self.epochs:
+            return self.epochs // 5
+        return self.warmup_epochs
 
 
 @dataclass
