@@ -11,10 +11,11 @@ def _groups(n, t, seed=0):
     return torch.randint(0, t, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("num_groups", [1, 3, DENSE_MAX_GROUPS + 3])   # dense and sorted routing
-def test_group_linear_matches_per_group_loop(num_groups):
+@pytest.mark.parametrize("routing", ["auto", "dense", "sorted"])
+@pytest.mark.parametrize("num_groups", [1, 3, DENSE_MAX_GROUPS + 3])
+def test_group_linear_matches_per_group_loop(num_groups, routing):
     torch.manual_seed(0)
-    layer = GroupLinear(7, 5, num_groups).double()
+    layer = GroupLinear(7, 5, num_groups, routing=routing).double()
     x = torch.randn(13, 7, dtype=torch.float64, requires_grad=True)
     g = _groups(13, num_groups)
     out = layer(x, g)

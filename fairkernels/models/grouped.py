@@ -1,12 +1,12 @@
 """Layers whose weights depend on the row's protected group (FCMI's multi-branch decoder).
 
-GroupLinear routes in one of two ways. For a few groups (T <= DENSE_MAX_GROUPS) it runs one
-dense matmul against the T branches' weights laid side by side and gathers each row's own
-branch: no Python loop over groups, no per-row weight copies (an [N, in, out] gather would cost
-N times the weights) and no host sync, at T times the FLOPs of one branch. For more groups
-(HAR has 30 subjects) T times the FLOPs would dominate the model, so it sorts the rows by group
-and runs one matmul per group on that group's rows (1x the FLOPs, T small GEMMs, one host sync
-for the group counts). GroupBatchNorm1d normalises every row with the batch statistics of its
+GroupLinear routes in one of two ways. On a GPU with a few groups (T <= DENSE_MAX_GROUPS) it
+runs one dense matmul against the T branches' weights laid side by side and gathers each row's
+own branch: no Python loop over groups, no per-row weight copies (an [N, in, out] gather would
+cost N times the weights) and no host sync, at T times the FLOPs of one branch (FLOPs are cheap
+there, syncs are not). On the CPU, or with more groups (HAR has 30 subjects), T times the FLOPs
+would dominate the model, so it sorts the rows by group and runs one matmul per group on that
+group's rows (1x the FLOPs, T small GEMMs, one host read of the group counts). GroupBatchNorm1d normalises every row with the batch statistics of its
 own group (per-group running statistics in eval mode), as a separate BatchNorm1d in each
 branch of the paper's group-wise decoder does.
 """
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-# Up to this many groups GroupLinear computes every branch for every row (see module docstring).
+# On a GPU, up to this many groups GroupLinear computes every branch for every row (see above).
 DENSE_MAX_GROUPS = 4
 
 
@@ -29,11 +29,14 @@ def _check_group_rows(groups: torch.Tensor, num_rows: int) -> None:
 class GroupLinear(nn.Module):
     """y_i = x_i W[g_i] + b[g_i] with W of shape [T, in, out] (one Linear per group)."""
 
-    def __init__(self, in_features: int, out_features: int, num_groups: int):
+    def __init__(self, in_features: int, out_features: int, num_groups: int, routing: str = "auto"):
         super().__init__()
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        if routing not in ("auto", "dense", "sorted"):
+            raise ValueError(f"routing must be 'auto', 'dense' or 'sorted', got {routing!r}")
         self.in_features, self.out_features, self.num_groups = in_features, out_features, num_groups
+        self.routing = routing
         self.weight = nn.Parameter(torch.empty(num_groups, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(num_groups, out_features))
         self.reset_parameters()
@@ -46,7 +49,9 @@ class GroupLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         _check_group_rows(groups, x.shape[0])
-        if self.num_groups > DENSE_MAX_GROUPS:
+        sorted_rows = self.routing == "sorted" or (self.routing == "auto" and self.num_groups > 1 and (
+            not x.is_cuda or self.num_groups > DENSE_MAX_GROUPS))
+        if sorted_rows:
             return self._forward_sorted(x, groups.long())
         # [in, T*out]: every branch's output for every row in one GEMM, then keep row i's branch.
         weight_cat = self.weight.permute(1, 0, 2).reshape(self.in_features, -1)
