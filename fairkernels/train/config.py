@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from fairkernels._device import check_device
+
 METHODS = ("fcmi", "dfc", "dec", "ae-km")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -65,6 +67,7 @@ class TrainConfig:
             raise ValueError(f"distributed must be None, True or False, got {self.distributed!r}")
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        check_device(self.device)        # one clear error when CUDA is asked for but absent
 
     @property
     def embedding_dim(self) -> int:
