@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class FCMIConfig(TrainConfig):
-    """FCMI (Zeng et al., CVPR 2023): L = L_rec + alpha L_clu + beta L_fair (SPEC 3).
+    """FCMI (Zeng et al., CVPR 2023): L = L_rec + alpha L_clu + beta L_fair (docs/math.md §3).
 
     The first `warmup_epochs` epochs minimise L_rec only. model: "mlp" (FC autoencoder) or
     "conv" (28x28 images). The paper's lr is 1e-4 for 300 epochs; 1e-3 converges in far fewer."""
