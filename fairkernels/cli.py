@@ -194,7 +194,8 @@ def cmd_evaluate(args, argv=None) -> int:
     try:
         scores = metrics.evaluate(labels, pred, groups)
     except (ValueError, TypeError) as err:
-        raise UsageError(_one_line(err)) from None
+        raise UsageError(f"{_one_line(err)} (--pred, --labels and --groups need one entry per row of the "
+                         "same data)") from None
     print(json.dumps(scores, indent=2) if args.json else format_table({os.path.basename(args.pred): scores}))
     return 0
 

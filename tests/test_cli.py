@@ -116,7 +116,7 @@ def _user_error_cases(tmp_path, run_dir):
                                   "--pred: no such file"),
         "evaluate length mismatch": (["evaluate", "--pred", os.path.join(run_dir, "labels.npy"),
                                       "--groups", os.path.join(run_dir, "groups.npy"), "--labels", str(short)],
-                                     "LENGTH"),
+                                     "length mismatch"),
     }
     if not torch.cuda.is_available():
         cases["cuda without cuda"] = (train + tiny_synthetic + ["--device", "cuda"],
@@ -209,3 +209,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert strip(resumed["history"]) == strip(clean["history"])
     np.testing.assert_array_equal(np.load(os.path.join(killed_out, "labels.npy")),
                                   np.load(os.path.join(clean_out, "labels.npy")))
+
+
+def test_non_finite_loss_is_one_line_exit_1(monkeypatch, tmp_path, capsys):
+    from fairkernels.train import FCMITrainer, NonFiniteLossError
+
+    def diverge(self, X, groups, y=None):
+        raise NonFiniteLossError("epoch 3: loss term 'fair' became non-finite; Lower the learning rate.")
+    monkeypatch.setattr(FCMITrainer, "fit", diverge)
+    assert main(["train", "--method", "fcmi", "--epochs", "1", "--out", str(tmp_path / "run")] + TINY) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "fairkernels train: epoch 3: loss term 'fair' became non-finite; Lower the learning rate."

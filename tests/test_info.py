@@ -55,3 +55,14 @@ def test_jit_build_announces_itself_once_and_finds_ninja(tmp_path, monkeypatch, 
     assert _extension.jit_is_current()
     _extension._jit_build()
     assert capsys.readouterr().err == "" and len(calls) == 2
+
+
+def test_build_reports_where_the_kernels_come_from(capsys):
+    from fairkernels.__main__ import build
+    code = build()
+    out, err = capsys.readouterr()
+    status = _extension.status()
+    if code == 0:
+        assert status["source"] in ("prebuilt", "jit") and status["where"] in out
+    else:
+        assert status["source"] == "none" and "no compiled kernels" in err
