@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from fairkernels.train import DFCConfig, DFCTrainer, FCMIConfig, FCMITrainer
@@ -49,13 +50,24 @@ class _DeepFairClusterer(ClusterMixin, BaseEstimator):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, groups) first")
         return self.trainer_
 
+    def _check_n_features(self, X) -> None:
+        """scikit-learn's check and wording, before the model's matrix product fails obscurely."""
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
+        if len(shape) == 2 and shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input.")
+
     def predict(self, X):
         """Cluster of each row of X under the fitted model (groups are not needed to assign)."""
-        return self._fitted().predict(X)
+        trainer = self._fitted()
+        self._check_n_features(X)
+        return trainer.predict(X)
 
     def transform(self, X):
         """Embeddings [N, latent_dim] of the rows of X."""
-        return self._fitted().transform(X)
+        trainer = self._fitted()
+        self._check_n_features(X)
+        return trainer.transform(X)
 
 
 class FCMI(_DeepFairClusterer):

@@ -338,7 +338,7 @@ class Trainer(abc.ABC):
         return result.centers.to(local.dtype)
 
     def _evaluate(self, pred: torch.Tensor, groups: torch.Tensor) -> dict:
-        """SPEC 5 metrics of the whole set from this rank's predictions (its shard) and the
+        """docs/math.md §5 metrics of the whole set from this rank's predictions (its shard) and the
         all-reduced K x T and K x L count tables."""
         num_clusters, num_groups = self.config.n_clusters, self.num_groups
         tables = [count_pairs(pred, groups, num_clusters, num_groups).reshape(-1)]

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from fairkernels._device import check_device
+
 METHODS = ("fcmi", "dfc", "dec", "ae-km")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -66,6 +68,7 @@ class TrainConfig:
             raise ValueError(f"distributed must be None, True or False, got {self.distributed!r}")
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        check_device(self.device)        # one clear error when CUDA is asked for but absent
 
     @property
     def embedding_dim(self) -> int:
@@ -78,7 +81,7 @@ class TrainConfig:
 
 @dataclass
 class FCMIConfig(TrainConfig):
-    """FCMI (Zeng et al., CVPR 2023): L = L_rec + alpha L_clu + beta L_fair (SPEC 3).
+    """FCMI (Zeng et al., CVPR 2023): L = L_rec + alpha L_clu + beta L_fair (docs/math.md §3).
 
     The first `warmup_epochs` epochs minimise L_rec only. model: "mlp" (FC autoencoder) or
     "conv" (28x28 images). The paper's lr is 1e-4 for 300 epochs; 1e-3 converges in far fewer."""

@@ -8,7 +8,7 @@ warmup_epochs minimise the reconstruction only (shortened, with a warning, when 
 cover every epoch).
 
 Under DDP the op gets the process group, so L_clu and L_fair are those of the global batch
-(SPEC 6) and its backward gives each rank the exact gradient of the global terms for its own
+(docs/math.md §6) and its backward gives each rank the exact gradient of the global terms for its own
 rows; see batch_losses for how that meets DDP's gradient averaging.
 """
 from __future__ import annotations
