@@ -6,7 +6,8 @@ Markdown table of mean +- std over seeds for ACC, NMI, Balance, MNCE, F_beta, FW
 
     python benchmarks/fidelity.py                        # every method x data set, seeds 0 1 2
     python benchmarks/fidelity.py --methods fcmi --data digits-reverse --seeds 0 1 2 3 4
-    python benchmarks/fidelity.py --set fcmi.beta=1.0    # override a default (for trade-off curves)
+    python benchmarks/fidelity.py --set fcmi.beta=1.0    # override a default
+    python benchmarks/fidelity.py --methods fcmi --sweep beta=0,0.05,0.2,1,5   # a trade-off curve
 
 Nothing here is tuned per data set or per seed: a method gets the same options on every data
 set (only n_clusters follows the data's number of classes).
@@ -48,17 +49,20 @@ def parse_overrides(items: list[str]) -> dict:
         method, dot, name = key.partition(".")
         if not sep or not dot or method not in METHODS or not name:
             raise SystemExit(f"--set expects method.option=value with method in {METHODS}, got {item!r}")
-        value: object = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                pass
-        if raw in ("true", "false"):
-            value = raw == "true"
-        overrides.setdefault(method, {})[name] = value
+        overrides.setdefault(method, {})[name] = _parse_value(raw)
     return overrides
+
+
+def _parse_value(raw: str):
+    """An option value from the command line: int, float, bool (true/false) or the string."""
+    if raw in ("true", "false"):
+        return raw == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def run_one(method: str, dataset, seed: int, device: str, options: dict) -> dict:
@@ -70,20 +74,28 @@ def run_one(method: str, dataset, seed: int, device: str, options: dict) -> dict
     return {**scores, "seconds": seconds}
 
 
+def _sort_key(options: str):
+    """Rows of a sweep in increasing order of the swept value(s)."""
+    values = [_parse_value(item.partition("=")[2]) for item in options.split(";") if item]
+    return [(0, v) if isinstance(v, (int, float)) else (1, str(v)) for v in values]
+
+
 def summarize(rows: list[dict]) -> str:
     """Markdown table: one line per (data set, method), mean +- std over seeds."""
     lines = ["| data | method | seeds | " + " | ".join(HEADERS[m] for m in (*METRICS, "seconds")) + " |",
              "| --- | --- | --- |" + " --- |" * (len(METRICS) + 1)]
-    keys = sorted({(row["dataset"], row["method"]) for row in rows},
-                  key=lambda key: (DATASETS.index(key[0]) if key[0] in DATASETS else 99, METHODS.index(key[1])))
-    for dataset, method in keys:
-        chosen = [row for row in rows if row["dataset"] == dataset and row["method"] == method]
+    keys = sorted({(row["dataset"], row["method"], row["options"]) for row in rows},
+                  key=lambda key: (DATASETS.index(key[0]) if key[0] in DATASETS else 99, METHODS.index(key[1]),
+                                   _sort_key(key[2])))
+    for dataset, method, options in keys:
+        chosen = [row for row in rows if (row["dataset"], row["method"], row["options"]) == (dataset, method, options)]
         cells = []
         for name in (*METRICS, "seconds"):
             values = np.array([float(row[name]) for row in chosen])
             digits = 1 if name == "seconds" else 3
             cells.append(f"{values.mean():.{digits}f} +- {values.std():.{digits}f}")
-        lines.append(f"| {dataset} | {method} | {len(chosen)} | " + " | ".join(cells) + " |")
+        label = f"{method} ({options.replace(';', ', ')})" if options else method
+        lines.append(f"| {dataset} | {label} | {len(chosen)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,16 +107,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                         help="override a default option of one method (repeatable)")
+    parser.add_argument("--sweep", default=None, metavar="OPTION=V1,V2,...",
+                        help="run every method once per value of one option (a fairness-weight curve)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "fidelity.csv"))
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    sweep = [{}]
+    if args.sweep:
+        name, sep, values = args.sweep.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--sweep expects option=v1,v2,..., got {args.sweep!r}")
+        sweep = [{name: _parse_value(value)} for value in values.split(",")]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     date = datetime.date.today().isoformat()
     rows = []
     for name in args.data:
         dataset = data.load(name)
-        for method in args.methods:
-            options = overrides.get(method, {})
+        for method, point in ((m, p) for m in args.methods for p in sweep):
+            options = {**overrides.get(method, {}), **point}
             for seed in args.seeds:
                 result = run_one(method, dataset, seed, args.device, options)
                 row = {"date": date, "commit": git_commit(), "device": device_name,

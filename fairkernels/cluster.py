@@ -76,7 +76,7 @@ class FCMI(_DeepFairClusterer):
     See fairkernels.train.FCMIConfig for every parameter; random_state seeds the run."""
 
     def __init__(self, n_clusters: int = 10, *, latent_dim: Optional[int] = None, alpha: float = 0.04,
-                 beta: float = 0.2, tau: float = 0.1, epochs: int = 300, warmup_epochs: int = 20,
+                 beta: float = 0.2, tau: float = 0.1, epochs: int = 100, warmup_epochs: int = 20,
                  batch_size: int = 512, lr: float = 1e-3, width: float = 1.0, model: str = "mlp",
                  multi_branch: bool = True, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
                  random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,

@@ -109,3 +109,20 @@ def test_device_check_names_bad_values():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("estimator, method", [(FCMI, "fcmi"), (DFC, "dfc")])
+def test_estimator_defaults_are_the_trainer_defaults(estimator, method):
+    # One source of truth for the recipe: an estimator built with no arguments trains exactly
+    # what make_trainer(method) would (random_state is the config's seed).
+    from dataclasses import fields
+
+    from fairkernels.train import config_for
+    config = config_for(method)
+    params = estimator().get_params()
+    shared = {f.name for f in fields(config)} & set(params)
+    assert len(shared) >= 10
+    mismatched = {name: (params[name], getattr(config, name)) for name in shared
+                  if params[name] != getattr(config, name) and name != "progress" and name != "verbose"}
+    assert not mismatched
+    assert params["random_state"] == config.seed
