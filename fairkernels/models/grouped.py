@@ -89,17 +89,27 @@ class GroupBatchNorm1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_groups, num_features))
         self.register_buffer("running_mean", torch.zeros(num_groups, num_features))
         self.register_buffer("running_var", torch.ones(num_groups, num_features))
+        # Set by fairkernels.train.sync_batchnorm.convert_batch_norm under DDP: the per-group
+        # sums are then all-reduced, so the statistics are those of the global batch.
+        self.process_group = None
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.process_group is None:
+            return tensor
+        from fairkernels.train.sync_batchnorm import sum_over_ranks
+        return sum_over_ranks(tensor, self.process_group)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         _check_group_rows(groups, x.shape[0])
         groups = groups.long()
         if self.training:
-            counts = torch.zeros(self.num_groups, dtype=x.dtype, device=x.device).index_add_(
-                0, groups, torch.ones_like(groups, dtype=x.dtype))
+            counts = self._sum(torch.zeros(self.num_groups, dtype=x.dtype, device=x.device).index_add_(
+                0, groups, torch.ones_like(groups, dtype=x.dtype))).detach()
             safe = counts.clamp_min(1.0).unsqueeze(1)
-            mean = x.new_zeros(self.num_groups, self.num_features).index_add(0, groups, x) / safe
+            mean = self._sum(x.new_zeros(self.num_groups, self.num_features).index_add(0, groups, x)) / safe
             centred = x - mean.index_select(0, groups)
-            var = x.new_zeros(self.num_groups, self.num_features).index_add(0, groups, centred * centred) / safe
+            var = self._sum(x.new_zeros(self.num_groups, self.num_features).index_add(
+                0, groups, centred * centred)) / safe
             with torch.no_grad():
                 present = (counts > 0).unsqueeze(1)
                 unbiased = var * (counts / (counts - 1).clamp_min(1.0)).unsqueeze(1)

@@ -85,9 +85,16 @@ class FCMITrainer(Trainer):
         if phase == "warmup" and epoch + 1 < self.config.effective_warmup_epochs:
             return None
         # The centers of epoch + 1 (the model no longer changes before it starts).
+        cfg = self.config
+        whole_set_refresh = cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= X.shape[0]
+        if not (whole_set_refresh or self._eval_labels is not None or epoch + 1 == self.total_epochs):
+            # A large set without labels: the refresh encodes its sample only, and the epoch
+            # reports no whole-set metrics (they would cost a forward pass over every row).
+            self.state["centers"] = self.compute_centers(X, epoch + 1)
+            return None
         with self.timed("encode"):
-            h = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
-        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h)
+            h = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h if whole_set_refresh else None)
         with self.timed("metrics"):
             return self.predict_embeddings(h)
 
