@@ -181,9 +181,17 @@ def test_explicit_backends():
 
 @pytest.mark.skipif("cpu" not in fused_backends("fcmi"), reason="needs the C++ kernels")
 def test_cpu_kernel_rejects_out_of_range_groups():
+    """The kernels check the group range in their own pass (ValueError, _checks.py's wording)."""
     logits, _ = _inputs(10, 3, 2)
-    with pytest.raises(RuntimeError, match="groups must lie in"):
-        torch.ops.fairkernels.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
+    ops = torch.ops.fairkernels
+    with pytest.raises(ValueError, match="groups must be < num_groups=2, found 5"):
+        ops.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
+    bad = torch.tensor([0, 1, -3, 1, 0, 7, 0, 1, 0, -1])
+    with pytest.raises(ValueError, match="groups must be >= 0, found -3"):
+        ops.fcmi_fwd(logits, bad, 2, False)
+    table = torch.zeros(2, 3, dtype=logits.dtype)
+    with pytest.raises(ValueError, match="groups must be >= 0, found -3"):
+        ops.fcmi_bwd(logits, bad, logits[:, 0], table, torch.tensor(0.1, dtype=logits.dtype), False)
 
 
 def _embedding_inputs(n, k, t, d, dtype, seed, index_dtype=torch.int64):
@@ -268,7 +276,7 @@ def test_cpu_fused_embeddings_bitwise_identical_across_thread_counts():
 def test_cpu_fused_embedding_kernels_reject_bad_arguments():
     h, centers, groups = _embedding_inputs(10, 3, 2, 4, torch.float64, seed=1)
     ops = torch.ops.fairkernels
-    with pytest.raises(RuntimeError, match="groups must lie in"):
+    with pytest.raises(ValueError, match="groups must be < num_groups=2, found 5"):
         ops.fcmi_emb_fwd(h, centers, torch.full((10,), 5), 2, 0.1, False)
     with pytest.raises(RuntimeError, match="columns but h has"):
         ops.fcmi_emb_fwd(h, centers[:, :3], groups, 2, 0.1, False)
