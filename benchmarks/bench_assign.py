@@ -1,4 +1,4 @@
-"""Benchmark of the soft assignments: Student-t (SPEC 1.1) and cosine softmax (SPEC 1.2).
+"""Benchmark of the soft assignments: Student-t (docs/math.md §1.1) and cosine softmax (docs/math.md §1.2).
 
     python benchmarks/bench_assign.py [--quick] [--compile] [--n N]
 

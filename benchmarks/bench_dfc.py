@@ -1,4 +1,4 @@
-"""Benchmark of the DFC losses (SPEC 4): DEC target, KL(P || Q) and the whole dfc_loss.
+"""Benchmark of the DFC losses (docs/math.md §4): DEC target, KL(P || Q) and the whole dfc_loss.
 
     python benchmarks/bench_dfc.py [--quick] [--compile] [--n N]
 

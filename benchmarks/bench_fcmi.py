@@ -1,4 +1,4 @@
-"""Benchmark of the fused FCMI loss (SPEC 3) and its embedding form (SPEC 1.2 + 3).
+"""Benchmark of the fused FCMI loss (docs/math.md §3) and its embedding form (docs/math.md §1.2 + 3).
 
     python benchmarks/bench_fcmi.py            # CPU: N = 10^6, (K, T) in {(10, 2), (100, 30)}
     python benchmarks/bench_fcmi.py --compile  # ... plus torch.compile(reference)

@@ -1,4 +1,4 @@
-"""Benchmark of the group x cluster joint histogram J_tk = sum_{g_i = t} P_ik (SPEC 2.1).
+"""Benchmark of the group x cluster joint histogram J_tk = sum_{g_i = t} P_ik (docs/math.md §2.1).
 
     python benchmarks/bench_histogram.py [--quick] [--compile] [--n N]
 

@@ -1,4 +1,4 @@
-"""Input validation shared by every public op (SPEC 7).
+"""Input validation shared by every public op (docs/math.md §7).
 
 Each check raises ValueError or TypeError with a message that names the offending argument.
 Checks that read tensor values (finiteness, group range, signs) run only when

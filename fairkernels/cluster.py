@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from fairkernels.train import DFCConfig, DFCTrainer, FCMIConfig, FCMITrainer
@@ -49,13 +50,24 @@ class _DeepFairClusterer(ClusterMixin, BaseEstimator):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, groups) first")
         return self.trainer_
 
+    def _check_n_features(self, X) -> None:
+        """scikit-learn's check and wording, before the model's matrix product fails obscurely."""
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
+        if len(shape) == 2 and shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input.")
+
     def predict(self, X):
         """Cluster of each row of X under the fitted model (groups are not needed to assign)."""
-        return self._fitted().predict(X)
+        trainer = self._fitted()
+        self._check_n_features(X)
+        return trainer.predict(X)
 
     def transform(self, X):
         """Embeddings [N, latent_dim] of the rows of X."""
-        return self._fitted().transform(X)
+        trainer = self._fitted()
+        self._check_n_features(X)
+        return trainer.transform(X)
 
 
 class FCMI(_DeepFairClusterer):
@@ -64,7 +76,7 @@ class FCMI(_DeepFairClusterer):
     See fairkernels.train.FCMIConfig for every parameter; random_state seeds the run."""
 
     def __init__(self, n_clusters: int = 10, *, latent_dim: Optional[int] = None, alpha: float = 0.04,
-                 beta: float = 0.2, tau: float = 0.1, epochs: int = 300, warmup_epochs: int = 20,
+                 beta: float = 0.2, tau: float = 0.1, epochs: int = 100, warmup_epochs: int = 20,
                  batch_size: int = 512, lr: float = 1e-3, width: float = 1.0, model: str = "mlp",
                  multi_branch: bool = True, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
                  random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,

@@ -2,7 +2,7 @@
 
 Every function works without an initialised process group (one process: rank 0 of 1), so the
 callers need no `if distributed:` branches. `process_group` arguments follow the ops'
-convention (SPEC 6): None = no communication, True = the default group, else a group object.
+convention (docs/math.md §6): None = no communication, True = the default group, else a group object.
 """
 from __future__ import annotations
 

@@ -221,7 +221,7 @@ def _kmeans_plus_plus(points, num_clusters, generator):
     trials = 2 + int(math.log(num_clusters))
     sq_norms = (points * points).sum(1)
 
-    def sq_dist_to(rows):  # [len(rows), S], clamped as SPEC 1.1
+    def sq_dist_to(rows):  # [len(rows), S], clamped as docs/math.md §1.1
         return (sq_norms[None, :] + (rows * rows).sum(1)[:, None] - 2.0 * rows @ points.t()).clamp_min(0)
 
     first = int(torch.randint(num_points, (1,), generator=generator))

@@ -1,4 +1,4 @@
-"""Clustering quality and fairness metrics (SPEC 5).
+"""Clustering quality and fairness metrics (docs/math.md §5).
 
 Every metric takes integer label vectors (numpy arrays, lists or torch tensors on any device; a
 tensor is copied to CPU once) and returns a Python float that is never NaN.
@@ -29,7 +29,7 @@ __all__ = ["accuracy", "nmi", "balance", "mnce", "f_beta", "fwd", "evaluate", "c
            "count_table", "balance_from_counts", "mnce_from_counts", "fwd_from_counts",
            "accuracy_from_counts"]
 
-# Chierichetti / FCMI Balance replaces empty cells n_kt = 0 by this count (SPEC 5).
+# Chierichetti / FCMI Balance replaces empty cells n_kt = 0 by this count (docs/math.md §5).
 _BALANCE_ZERO_COUNT = 1e-5
 _GROUNDS = ("discrete", "ordinal")
 
@@ -126,7 +126,7 @@ def _nonempty_rows(counts) -> np.ndarray:
 # ----------------------------------------------------------------------------- fairness from counts
 
 def balance_from_counts(counts) -> float:
-    """SPEC 5 Balance of a K x T count table: min over non-empty rows of min_t n_kt / max_t n_kt,
+    """docs/math.md §5 Balance of a K x T count table: min over non-empty rows of min_t n_kt / max_t n_kt,
     with zero cells replaced by 1e-5 (raw counts, not normalised by group size)."""
     counts = _nonempty_rows(counts)
     counts = np.where(counts == 0, _BALANCE_ZERO_COUNT, counts)
@@ -140,7 +140,7 @@ def _entropy_rows(probs: np.ndarray) -> np.ndarray:
 
 
 def mnce_from_counts(counts) -> float:
-    """SPEC 5 MNCE: min_k H(G | C = k) / H(G) over non-empty rows; 1 when T = 1 or H(G) = 0."""
+    """docs/math.md §5 MNCE: min_k H(G | C = k) / H(G) over non-empty rows; 1 when T = 1 or H(G) = 0."""
     counts = _nonempty_rows(counts)
     if counts.shape[1] == 1:
         return 1.0
@@ -154,7 +154,7 @@ def mnce_from_counts(counts) -> float:
 
 
 def fwd_from_counts(counts, ground: str = "discrete") -> tuple[float, float]:
-    """SPEC 5 FWD: W1 between each non-empty row's group distribution h_k and the uniform u over
+    """docs/math.md §5 FWD: W1 between each non-empty row's group distribution h_k and the uniform u over
     the T columns; returns (mean over rows, max over rows)."""
     if ground not in _GROUNDS:
         raise ValueError(f"ground must be one of {_GROUNDS}, got {ground!r}")
@@ -208,17 +208,17 @@ def nmi(y, pred) -> float:
 
 
 def balance(pred, groups, num_groups=None) -> float:
-    """FCMI's Bal (Chierichetti's balance for T = 2), SPEC 5. T as in the module docstring."""
+    """FCMI's Bal (Chierichetti's balance for T = 2), docs/math.md §5. T as in the module docstring."""
     return balance_from_counts(count_table(pred, groups, num_groups))
 
 
 def mnce(pred, groups, num_groups=None) -> float:
-    """Minimal normalised conditional entropy min_k H(G|C=k) / H(G), SPEC 5."""
+    """Minimal normalised conditional entropy min_k H(G|C=k) / H(G), docs/math.md §5."""
     return mnce_from_counts(count_table(pred, groups, num_groups))
 
 
 def f_beta(nmi_value, mnce_value, beta: float = 1.0) -> float:
-    """(1 + b^2) NMI MNCE / (b^2 NMI + MNCE); 0 when both are 0 (SPEC 5)."""
+    """(1 + b^2) NMI MNCE / (b^2 NMI + MNCE); 0 when both are 0 (docs/math.md §5)."""
     values = {}
     for name, value in (("nmi_value", nmi_value), ("mnce_value", mnce_value), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -237,7 +237,7 @@ def f_beta(nmi_value, mnce_value, beta: float = 1.0) -> float:
 
 
 def fwd(pred, groups, ground: str = "discrete", num_groups=None) -> tuple[float, float]:
-    """Wang & Davidson's Wasserstein fairness (SPEC 5): (mean, max) over non-empty clusters of
+    """Wang & Davidson's Wasserstein fairness (docs/math.md §5): (mean, max) over non-empty clusters of
     W1(h_k, uniform). ground="discrete" or "ordinal"; T as in the module docstring."""
     if ground not in _GROUNDS:
         raise ValueError(f"ground must be one of {_GROUNDS}, got {ground!r}")
@@ -245,7 +245,7 @@ def fwd(pred, groups, ground: str = "discrete", num_groups=None) -> tuple[float,
 
 
 def evaluate(y, pred, groups, num_groups=None, beta: float = 1.0, ground: str = "discrete") -> dict:
-    """All SPEC 5 metrics in one dict: acc, nmi, bal, mnce, f_beta, fwd_mean, fwd_max.
+    """All docs/math.md §5 metrics in one dict: acc, nmi, bal, mnce, f_beta, fwd_mean, fwd_max.
 
     With y=None (no ground truth) the keys acc, nmi and f_beta are omitted rather than filled
     with placeholders, so a caller can never average a fake value."""

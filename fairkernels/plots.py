@@ -69,25 +69,54 @@ def pca_2d(embeddings) -> np.ndarray:
     return centered @ components[:2].T
 
 
-def embedding_scatter(embeddings, pred, groups, path: str, title: str = "", max_points: int = 20000,
-                      seed: int = 0) -> str:
-    """Side-by-side 2-D PCA scatter of the embeddings, coloured by cluster and by group."""
+def category_colours(values, plt) -> np.ndarray:
+    """One RGBA row per value, a distinct qualitative colour per category id (tab10 up to 10
+    categories, tab20 up to 20, then a continuous map). Mapping the ids through a normalised
+    colormap instead puts ids 0 and 1 of a 2-group set at two nearly identical blues."""
+    values = np.asarray(values)
+    num = int(values.max()) + 1 if values.size else 1
+    if num <= 20:
+        from matplotlib.colors import to_rgba_array
+        palette = to_rgba_array(plt.get_cmap("tab10" if num <= 10 else "tab20").colors)
+        return palette[values % len(palette)]
+    return plt.get_cmap("viridis")(values / max(num - 1, 1))
+
+
+def embedding_figure(embeddings, pred, groups, title: str = "", max_points: int = 20000, seed: int = 0,
+                     group_names=None):
+    """The figure of embedding_scatter (returned, not saved). The group panel has a legend
+    (group_names, else 'group t') when there are at most 20 groups."""
     plt = _pyplot()
     embeddings, pred, groups = np.asarray(embeddings), np.asarray(pred), np.asarray(groups)
     if embeddings.shape[0] > max_points:  # a readable plot needs no more points than this
         keep = np.random.default_rng(seed).choice(embeddings.shape[0], max_points, replace=False)
         embeddings, pred, groups = embeddings[keep], pred[keep], groups[keep]
     coords = pca_2d(embeddings)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for axis, colours, name in ((axes[0], pred, "cluster"), (axes[1], groups, "group")):
-        axis.scatter(coords[:, 0], coords[:, 1], c=colours, cmap="tab10" if colours.max() < 10 else "tab20",
-                     s=4, alpha=0.7, linewidths=0)
+    fig, (ax_cluster, ax_group) = plt.subplots(1, 2, figsize=(10, 4.5))
+    ax_cluster.scatter(coords[:, 0], coords[:, 1], c=category_colours(pred, plt), s=4, alpha=0.7, linewidths=0)
+    num_groups = int(groups.max()) + 1
+    colours = category_colours(np.arange(num_groups), plt)
+    for group in range(num_groups):          # one artist per group, so the legend can name it
+        rows = groups == group
+        if rows.any():
+            name = group_names[group] if group_names is not None and group < len(group_names) else f"group {group}"
+            ax_group.scatter(coords[rows, 0], coords[rows, 1], color=colours[group], s=4, alpha=0.7,
+                             linewidths=0, label=str(name))
+    if num_groups <= 20:
+        ax_group.legend(fontsize="small", markerscale=3, title="group")
+    for axis, name in ((ax_cluster, "cluster"), (ax_group, "group")):
         axis.set_title(f"embeddings coloured by {name}")
         axis.set_xticks([])
         axis.set_yticks([])
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def embedding_scatter(embeddings, pred, groups, path: str, title: str = "", max_points: int = 20000,
+                      seed: int = 0, group_names=None) -> str:
+    """Side-by-side 2-D PCA scatter of the embeddings, coloured by cluster and by group."""
+    return _save(embedding_figure(embeddings, pred, groups, title, max_points, seed, group_names), path)
 
 
 def _save(fig, path: str) -> str:

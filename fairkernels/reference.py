@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every op in SPEC.md (sections 1-4).
+"""Pure-PyTorch reference of every op in docs/math.md (sections 1-4).
 
 This module is the ground truth of the tests and the baseline of the benchmarks. It is written
 for clarity, differentiated by torch autograd, and materialises N x K tensors freely. It does no
@@ -10,25 +10,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# SPEC 2.2: the floor inside log() used for gradients of zero statistics.
+# docs/math.md §2.2: the floor inside log() used for gradients of zero statistics.
 LOG_EPS = 1e-12
-# SPEC 1.2: norms are clamped below at this value (as F.normalize).
+# docs/math.md §1.2: norms are clamped below at this value (as F.normalize).
 NORM_EPS = 1e-12
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SPEC 7: accumulate in float64 for float64 inputs, float32 otherwise."""
+    """docs/math.md §7: accumulate in float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _xlogy_safe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x * log(y) with 0 log 0 = 0 in the value and a finite gradient at zero (SPEC 2.2)."""
+    """x * log(y) with 0 log 0 = 0 in the value and a finite gradient at zero (docs/math.md §2.2)."""
     return torch.where(x > 0, x * torch.log(y.clamp_min(LOG_EPS)), torch.zeros_like(x))
 
 
 # --------------------------------------------------------------------------- 1. assignments
 def squared_distances(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """d_ik = ||z_i - mu_k||^2 (SPEC 1.1) by the expansion ||z'||^2 + ||mu'||^2 - 2 z'.mu',
+    """d_ik = ||z_i - mu_k||^2 (docs/math.md §1.1) by the expansion ||z'||^2 + ||mu'||^2 - 2 z'.mu',
     clamped at >= 0, on z' = z - m and mu' = mu - m with m the mean of the centres.
 
     The shift leaves every distance unchanged but makes the expansion cancel terms of the size
@@ -44,26 +44,26 @@ def squared_distances(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 
 
 def student_t_assign(z: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """q_ik = softmax_k( -(a+1)/2 * log1p(d_ik / a) )  (SPEC 1.1, DEC's Student-t kernel)."""
+    """q_ik = softmax_k( -(a+1)/2 * log1p(d_ik / a) )  (docs/math.md §1.1, DEC's Student-t kernel)."""
     dist = squared_distances(z, centers)
     log_w = -(alpha + 1.0) / 2.0 * torch.log1p(dist / alpha)
     return torch.softmax(log_w, dim=1)
 
 
 def cosine_logits(h: torch.Tensor, centers: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """logits_ik = <h_i, u_k> / (||h_i|| ||u_k|| tau)  (SPEC 1.2)."""
+    """logits_ik = <h_i, u_k> / (||h_i|| ||u_k|| tau)  (docs/math.md §1.2)."""
     return F.normalize(h, dim=1, eps=NORM_EPS) @ F.normalize(centers, dim=1, eps=NORM_EPS).t() / tau
 
 
 def cosine_assign(h: torch.Tensor, centers: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
-    """c_ik = softmax_k(cos(h_i, u_k) / tau)  (SPEC 1.2)."""
+    """c_ik = softmax_k(cos(h_i, u_k) / tau)  (docs/math.md §1.2)."""
     return torch.softmax(cosine_logits(h, centers, tau), dim=1)
 
 
 # --------------------------------------------------------------------------- 2. statistics
 def joint_histogram(probs: torch.Tensor, groups: torch.Tensor, num_groups: int,
                     weights: torch.Tensor | None = None) -> torch.Tensor:
-    """J_tk = sum_{i: g_i = t} w_i P_ik  (SPEC 2.1), in the accumulation dtype."""
+    """J_tk = sum_{i: g_i = t} w_i P_ik  (docs/math.md §2.1), in the accumulation dtype."""
     acc = _acc_dtype(probs.dtype)
     rows = probs.to(acc)
     if weights is not None:
@@ -73,7 +73,7 @@ def joint_histogram(probs: torch.Tensor, groups: torch.Tensor, num_groups: int,
 
 
 class _MutualInformation(torch.autograd.Function):
-    """I(G;C) from a joint table, with the SPEC 2.2 gradient (eps-floored logs, never NaN)."""
+    """I(G;C) from a joint table, with the docs/math.md §2.2 gradient (eps-floored logs, never NaN)."""
 
     @staticmethod
     def forward(ctx, joint):
@@ -94,13 +94,13 @@ class _MutualInformation(torch.autograd.Function):
 
 
 def mutual_information(joint: torch.Tensor) -> torch.Tensor:
-    """I(G;C) = sum_tk p_tk log(p_tk / (p_t p_k)), p = J / sum J  (SPEC 2.2)."""
+    """I(G;C) = sum_tk p_tk log(p_tk / (p_t p_k)), p = J / sum J  (docs/math.md §2.2)."""
     return _MutualInformation.apply(joint)
 
 
 # --------------------------------------------------------------------------- 3. FCMI loss
 def fcmi_terms(logits: torch.Tensor, groups: torch.Tensor, num_groups: int):
-    """(L_clu, L_fair) of SPEC 3, computed from the full N x K softmax."""
+    """(L_clu, L_fair) of docs/math.md §3, computed from the full N x K softmax."""
     acc = _acc_dtype(logits.dtype)
     x = logits.to(acc)
     n = x.shape[0]
@@ -119,7 +119,7 @@ def fcmi_terms(logits: torch.Tensor, groups: torch.Tensor, num_groups: int):
 
 def fcmi_loss(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
               alpha: float = 0.04, beta: float = 0.2) -> torch.Tensor:
-    """alpha * L_clu + beta * L_fair  (SPEC 3)."""
+    """alpha * L_clu + beta * L_fair  (docs/math.md §3)."""
     l_clu, l_fair = fcmi_terms(logits, groups, num_groups)
     return alpha * l_clu + beta * l_fair
 
@@ -127,14 +127,14 @@ def fcmi_loss(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
 def fcmi_loss_from_embeddings(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor,
                               num_groups: int, tau: float = 0.1, alpha: float = 0.04,
                               beta: float = 0.2) -> torch.Tensor:
-    """SPEC 1.2 followed by SPEC 3 (the reference materialises the N x K logits)."""
+    """docs/math.md §1.2 followed by docs/math.md §3 (the reference materialises the N x K logits)."""
     return fcmi_loss(cosine_logits(h, centers, tau), groups, num_groups, alpha, beta)
 
 
 # --------------------------------------------------------------------------- 4. DFC
 @torch.no_grad()
 def dec_target(q: torch.Tensor) -> torch.Tensor:
-    """p_ik = (q_ik^2 / f_k) / sum_k' (q_ik'^2 / f_k'), f_k = sum_i q_ik  (SPEC 4; no gradient)."""
+    """p_ik = (q_ik^2 / f_k) / sum_k' (q_ik'^2 / f_k'), f_k = sum_i q_ik  (docs/math.md §4; no gradient)."""
     acc = _acc_dtype(q.dtype)
     qa = q.to(acc)
     weight = qa * qa / qa.sum(0).clamp_min(LOG_EPS)
@@ -142,7 +142,7 @@ def dec_target(q: torch.Tensor) -> torch.Tensor:
 
 
 def kl_div(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik)  (SPEC 4, batch mean)."""
+    """KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik)  (docs/math.md §4, batch mean)."""
     acc = _acc_dtype(q.dtype)
     p = target.to(acc)
     qa = q.to(acc)
@@ -151,7 +151,7 @@ def kl_div(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """M = (P^T P)^-1 P^T Z (SPEC 4, eq. 12) by a ridge-regularised Cholesky solve."""
+    """M = (P^T P)^-1 P^T Z (docs/math.md §4, eq. 12) by a ridge-regularised Cholesky solve."""
     acc = _acc_dtype(z.dtype)
     p = q.to(acc)
     gram = p.t() @ p
@@ -164,7 +164,7 @@ def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> to
 
 def fairoids(z: torch.Tensor, groups: torch.Tensor, num_groups: int,
              previous: torch.Tensor | None = None):
-    """pi_t = mean of z_i over g_i = t (SPEC 4). Returns (fairoids, present) where `present`
+    """pi_t = mean of z_i over g_i = t (docs/math.md §4). Returns (fairoids, present) where `present`
     marks groups seen in this batch; absent groups keep `previous` (or zeros)."""
     acc = _acc_dtype(z.dtype)
     sums = torch.zeros(num_groups, z.shape[1], dtype=acc, device=z.device)
@@ -179,7 +179,7 @@ def fairoids(z: torch.Tensor, groups: torch.Tensor, num_groups: int,
 
 def fairness_matrix(centroids: torch.Tensor, group_centroids: torch.Tensor, alpha: float = 1.0,
                     present: torch.Tensor | None = None) -> torch.Tensor:
-    """phi_kt = Student-t kernel between mu_k and pi_t normalised over t (SPEC 4). Absent groups
+    """phi_kt = Student-t kernel between mu_k and pi_t normalised over t (docs/math.md §4). Absent groups
     (present = False) get phi = 0 and are left out of the normalisation."""
     dist = squared_distances(centroids, group_centroids)
     log_w = -(alpha + 1.0) / 2.0 * torch.log1p(dist / alpha)
@@ -192,7 +192,7 @@ def fairness_matrix(centroids: torch.Tensor, group_centroids: torch.Tensor, alph
 def fairoid_target(phi: torch.Tensor, beta: float = 1000.0, eps: float = 1e-12,
                    present: torch.Tensor | None = None) -> torch.Tensor:
     """psi_kt = (phi_hat_kt / f_t) / sum_t' (phi_hat_kt' / f_t'), phi_hat = (phi + eps)^(1/beta),
-    f_t = sum_k phi_kt (SPEC 4; no gradient)."""
+    f_t = sum_k phi_kt (docs/math.md §4; no gradient)."""
     phi_hat = (phi + eps).pow(1.0 / beta)
     f_group = phi.sum(0).clamp_min(LOG_EPS)
     weight = phi_hat / f_group[None, :]
@@ -202,7 +202,7 @@ def fairoid_target(phi: torch.Tensor, beta: float = 1000.0, eps: float = 1e-12,
 
 
 def fairoid_loss(psi: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """L_fr = KL(Psi || Phi) = (1/K) sum_kt psi_kt log(psi_kt / phi_kt)  (SPEC 4)."""
+    """L_fr = KL(Psi || Phi) = (1/K) sum_kt psi_kt log(psi_kt / phi_kt)  (docs/math.md §4)."""
     terms = _xlogy_safe(psi, psi) - psi * torch.log(phi.clamp_min(LOG_EPS))
     return terms.sum() / phi.shape[0]
 
@@ -210,7 +210,7 @@ def fairoid_loss(psi: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
 def dfc_loss(q: torch.Tensor, z: torch.Tensor, groups: torch.Tensor, num_groups: int,
              gamma: float = 1.0, alpha: float = 1.0, beta: float = 1000.0,
              target: torch.Tensor | None = None, previous_fairoids: torch.Tensor | None = None):
-    """L = KL(P||Q) + gamma KL(Psi||Phi) (SPEC 4). Returns (loss, l_cl, l_fr, fairoids)."""
+    """L = KL(P||Q) + gamma KL(Psi||Phi) (docs/math.md §4). Returns (loss, l_cl, l_fr, fairoids)."""
     if target is None:
         target = dec_target(q)
     l_cl = kl_div(target, q)

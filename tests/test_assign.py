@@ -1,4 +1,4 @@
-"""Soft assignments (SPEC 1.1 Student-t, 1.2 cosine) and the k-means assignment kernel."""
+"""Soft assignments (docs/math.md §1.1 Student-t, 1.2 cosine) and the k-means assignment kernel."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Every public function rejects malformed arguments with ValueError / TypeError (RuntimeError for
-a backend that cannot run here) and a message naming the argument (SPEC 7).
+a backend that cannot run here) and a message naming the argument (docs/math.md §7).
 
 One table row per malformed call: (id, callable, expected exception type, substring of the message).
 """

@@ -65,3 +65,64 @@ def test_estimator_errors(small):
         FCMI(3).fit(X, None)
     with pytest.raises(ValueError, match="method"):
         DFC(3, method="bogus").fit(X, groups)
+
+
+@pytest.fixture(scope="module")
+def fitted(small):
+    X, groups = small
+    est = FCMI(3, epochs=1, warmup_epochs=0, width=0.05, batch_size=128, kmeans_iter=5, backend="reference")
+    return est.fit(X, groups)
+
+
+@pytest.mark.parametrize("method", ["predict", "transform"])
+def test_feature_count_mismatch_is_named(small, fitted, method):
+    X, _ = small
+    with pytest.raises(ValueError, match=r"^X has 2 features, but FCMI is expecting 5 features as input\.$"):
+        getattr(fitted, method)(X[:, :2])
+    with pytest.raises(ValueError, match="X has 7 features"):
+        getattr(fitted, method)(torch.zeros(4, 7))
+    assert getattr(fitted, method)(X[:4].tolist()).shape[0] == 4      # lists are checked too, and pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("make", [lambda: FCMI(3, device="cuda"), lambda: DFC(3, device="cuda:0")])
+def test_cuda_without_cuda_is_one_clear_error(small, make):
+    X, groups = small
+    with pytest.raises(ValueError, match=r"CUDA is not available: .*; use device='cpu'"):
+        make().fit(X, groups)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_trainer_cuda_without_cuda_is_one_clear_error():
+    from fairkernels.train import DFCConfig, DFCTrainer, FCMIConfig, FCMITrainer
+    for trainer, config in ((FCMITrainer, FCMIConfig), (DFCTrainer, DFCConfig)):
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            trainer(config(device="cuda"))
+
+
+def test_device_check_names_bad_values():
+    from fairkernels._device import check_device
+    assert check_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "tpu:0", "cuda:x"):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda'"):
+            check_device(bad)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("estimator, method", [(FCMI, "fcmi"), (DFC, "dfc")])
+def test_estimator_defaults_are_the_trainer_defaults(estimator, method):
+    # One source of truth for the recipe: an estimator built with no arguments trains exactly
+    # what make_trainer(method) would (random_state is the config's seed).
+    from dataclasses import fields
+
+    from fairkernels.train import config_for
+    config = config_for(method)
+    params = estimator().get_params()
+    shared = {f.name for f in fields(config)} & set(params)
+    assert len(shared) >= 10
+    mismatched = {name: (params[name], getattr(config, name)) for name in shared
+                  if params[name] != getattr(config, name) and name != "progress" and name != "verbose"}
+    assert not mismatched
+    assert params["random_state"] == config.seed

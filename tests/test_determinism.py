@@ -1,4 +1,4 @@
-"""deterministic=True gives bitwise-identical forward values and gradients across runs (SPEC 7),
+"""deterministic=True gives bitwise-identical forward values and gradients across runs (docs/math.md §7),
 for every op and every backend available here; the cpu backend's FCMI and histogram kernels
 are also bitwise identical across thread counts (csrc/cpu/common.h: fixed row chunks reduced in
 chunk order). Ops that go through BLAS (assignments, the embedding FCMI) make no promise across

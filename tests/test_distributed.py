@@ -1,4 +1,4 @@
-"""SPEC 6 across real processes: two gloo ranks on CPU, each with its own (unequal) share of a
+"""docs/math.md §6 across real processes: two gloo ranks on CPU, each with its own (unequal) share of a
 batch, must get the single-process loss and gradients of the concatenated batch; distributed
 k-means must give the single-process centers. One spawn runs every check (process start-up
 dominates the cost); the workers save their results and the assertions run here."""

@@ -1,4 +1,4 @@
-"""FCMI ops (SPEC 3) on every available backend vs the float64 reference: values, gradients,
+"""FCMI ops (docs/math.md §3) on every available backend vs the float64 reference: values, gradients,
 edge cases (empty clusters, absent groups, huge logits), index dtypes, determinism."""
 import pytest
 import torch

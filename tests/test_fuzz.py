@@ -190,7 +190,7 @@ def check_against_reference(draw: Draw, fused, ref, leaves, seeds, input_scale: 
 
     gradient_terms: the size of the terms that cancel inside a gradient (e.g. the tangential
     projection of a normalisation, amplified by 1 / ||h||); their rounding is allowed for.
-    gradient_atol: an absolute slack for gradients where SPEC itself departs from autograd."""
+    gradient_atol: an absolute slack for gradients where docs/math.md itself departs from autograd."""
     leaves64 = [leaf.detach().double().requires_grad_(leaf.requires_grad) for leaf in leaves]
     leaves_same = [leaf.detach().clone().requires_grad_(leaf.requires_grad) for leaf in leaves]
     outs, grads = _evaluate(fused, leaves, seeds)
@@ -221,7 +221,7 @@ def _normalisation_terms(tau: float, *matrices) -> float:
 
 
 def _eps_floor_slack(n: int, *weights: float) -> float:
-    """SPEC 2.2/3: the fused FCMI gradient uses log(max(p, 1e-12)); autograd of the reference
+    """docs/math.md §2.2/3: the fused FCMI gradient uses log(max(p, 1e-12)); autograd of the reference
     differs where a statistic p_tk is below 1e-12. There c_ik <= N p_tk, so each row's gradient
     moves by at most ~(1/e + 1) * 1e-12 * |weight|, and an expanded (stride-0) leaf sums n rows."""
     return 2.0 * n * reference.LOG_EPS * max([1.0] + [abs(w) for w in weights])
@@ -368,7 +368,7 @@ def test_fuzz_student_t_assign(device, backend, dtypes):
         check_against_reference(
             draw, lambda zz, cc: fk.student_t_assign(z_view(zz), c_view(cc), alpha, backend=backend),
             lambda zz, cc: reference.student_t_assign(z_view(zz), c_view(cc), alpha),
-            # SPEC 1.1 expands ||z - mu||^2 = ||z||^2 + ||mu||^2 - 2 z.mu: terms of size scale^2 cancel
+            # docs/math.md §1.1 expands ||z - mu||^2 = ||z||^2 + ||mu||^2 - 2 z.mu: terms of size scale^2 cancel
             [z, centers], [_seed_like(draw, (n, k))], input_scale=scale * scale)
         _count("student_t_assign", backend)
 

@@ -1,4 +1,4 @@
-"""Joint histogram (SPEC 2.1) and mutual information (SPEC 2.2) on every available backend."""
+"""Joint histogram (docs/math.md §2.1) and mutual information (docs/math.md §2.2) on every available backend."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""SPEC 5 metrics on hand-computed cases, edge cases and bad input."""
+"""docs/math.md §5 metrics on hand-computed cases, edge cases and bad input."""
 import math
 
 import numpy as np

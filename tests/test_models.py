@@ -2,18 +2,20 @@
 import pytest
 import torch
 
-from fairkernels.models import (ConvAutoencoder, FCAutoencoder, GroupConvTranspose2d, GroupLinear,
-                                StackedAutoencoder)
+from fairkernels.models import (ConvAutoencoder, FCAutoencoder, GroupBatchNorm1d, GroupConvTranspose2d,
+                                GroupLinear, StackedAutoencoder)
+from fairkernels.models.grouped import DENSE_MAX_GROUPS
 
 
 def _groups(n, t, seed=0):
     return torch.randint(0, t, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("num_groups", [1, 3])
-def test_group_linear_matches_per_group_loop(num_groups):
+@pytest.mark.parametrize("routing", ["auto", "dense", "sorted"])
+@pytest.mark.parametrize("num_groups", [1, 3, DENSE_MAX_GROUPS + 3])
+def test_group_linear_matches_per_group_loop(num_groups, routing):
     torch.manual_seed(0)
-    layer = GroupLinear(7, 5, num_groups).double()
+    layer = GroupLinear(7, 5, num_groups, routing=routing).double()
     x = torch.randn(13, 7, dtype=torch.float64, requires_grad=True)
     g = _groups(13, num_groups)
     out = layer(x, g)
@@ -26,6 +28,48 @@ def test_group_linear_matches_per_group_loop(num_groups):
     x.grad = None
     expected.square().sum().backward()
     torch.testing.assert_close(grad_w, layer.weight.grad)
+
+
+def test_group_batch_norm_matches_per_group_batch_norm():
+    torch.manual_seed(0)
+    norm = GroupBatchNorm1d(4, 3).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(20, 4, dtype=torch.float64) * 3 + 1
+    g = torch.tensor([0] * 9 + [2] * 11)            # group 1 is absent from the batch
+    out = norm(x, g)
+    for t in (0, 2):
+        rows = g == t
+        expected = torch.nn.functional.batch_norm(x[rows], None, None, norm.weight[t], norm.bias[t], training=True,
+                                                  eps=norm.eps)
+        torch.testing.assert_close(out[rows], expected)
+    # Running statistics move for the groups present only (momentum 0.1, unbiased variance).
+    torch.testing.assert_close(norm.running_mean[0], 0.1 * x[:9].mean(0))
+    torch.testing.assert_close(norm.running_var[2], 0.9 + 0.1 * x[9:].var(0))
+    torch.testing.assert_close(norm.running_mean[1], torch.zeros(4, dtype=torch.float64))
+    norm.eval()
+    expected = (x - norm.running_mean[g]) / torch.sqrt(norm.running_var[g] + norm.eps) * norm.weight[g] + norm.bias[g]
+    torch.testing.assert_close(norm(x, g), expected)
+    norm.train()
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda inp: norm(inp, g), (x,))
+
+
+def test_fc_autoencoder_layout_follows_the_paper():
+    model = FCAutoencoder(64, 10, num_groups=2)
+    # Encoder BatchNorm on the three wide layers only; the 512-256-d head and the shared
+    # decoder trunk have none; the 512-1024-1024-64 decoder part is one branch per group.
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.encoder.modules()) == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.decoder_trunk.modules())
+    assert [layer.out_features for layer in model.decoder_branch.linears] == [1024, 1024, 64]
+    assert all(layer.num_groups == 2 for layer in model.decoder_branch.linears)
+    # The decoder sees the unit-norm code: scaling h does not change the reconstruction.
+    model.eval()
+    h, g = torch.randn(5, 10), torch.tensor([0, 1, 0, 1, 1])
+    torch.testing.assert_close(model.decode(h, g), model.decode(7.0 * h, g))
+    with pytest.raises(ValueError, match="decoder_branch_layers"):
+        FCAutoencoder(64, 10, decoder_branch_layers=0)
 
 
 def test_group_linear_rejects_bad_groups():

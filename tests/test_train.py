@@ -62,7 +62,8 @@ def test_dfc_and_dec_learn(method):
 def _run(method, tmp_path, epochs, resume, **extra):
     options = dict(FAST, checkpoint_dir=str(tmp_path), resume=resume, seed=3, n_clusters=3, **extra)
     if method == "fcmi":
-        options.update(epochs=epochs, warmup_epochs=1)
+        # One warm-up epoch, then FCMI epochs (epochs <= warmup_epochs would shorten the warm-up).
+        options.update(epochs=epochs + 1, warmup_epochs=1)
     else:
         options.update(pretrain_epochs=1, finetune_epochs=1, epochs=epochs, update_interval=3)
     return make_trainer(method, **options)
@@ -116,3 +117,32 @@ def test_bad_inputs():
     with pytest.raises(RuntimeError, match="not fitted"):
         trainer.predict(np.zeros((2, 3), np.float32))
     assert not os.path.exists("last.pt")
+
+
+def test_epochs_not_above_warmup_shortens_the_warmup_with_a_warning(biased):
+    X, groups, y = biased
+    with pytest.warns(UserWarning, match="warm-up is shortened to 1 epoch"):
+        trainer = make_trainer("fcmi", n_clusters=3, epochs=5, warmup_epochs=20, **FAST)
+    trainer.fit(X, groups, y)
+    assert [record["phase"] for record in trainer.history] == ["warmup"] + ["fcmi"] * 4
+    assert trainer.history[-1]["fair"] > 0 or trainer.history[-1]["mnce"] > 0.5
+
+
+@pytest.mark.parametrize("refresh", ["warm", "restart"])
+def test_fcmi_center_refresh_modes_keep_clusters_fair(refresh, biased):
+    X, groups, y = biased
+    trainer = make_trainer("fcmi", n_clusters=3, epochs=10, warmup_epochs=3, beta=1.0, lr=3e-3,
+                           center_refresh=refresh, **FAST).fit(X, groups, y)
+    scores = metrics.evaluate(y, trainer.labels_, groups)
+    assert scores["mnce"] > 0.8 and scores["acc"] > 0.5
+
+
+def test_fcmi_conv_model_trains_end_to_end():
+    # 8x8 "images": the conv autoencoder (strides 1-2-1-2) on the appearance data as 64 pixels.
+    ds = data.load("appearance", n=600, dim=64, n_clusters=3, seed=0)
+    trainer = make_trainer("fcmi", n_clusters=3, model="conv", epochs=8, warmup_epochs=3, beta=1.0, lr=3e-3,
+                           **dict(FAST, width=0.5)).fit(ds.X, ds.groups, ds.y)
+    rec = [record["rec"] for record in trainer.history]
+    assert rec[-1] < rec[0]
+    scores = metrics.evaluate(ds.y, trainer.labels_, ds.groups)
+    assert scores["mnce"] > 0.8                      # AE + k-means on this data has MNCE ~0

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 from fairkernels.data._dataset import DATA_ENV, Dataset, encode_groups, from_arrays
+from fairkernels.data.appearance import make_appearance
 from fairkernels.data.arrays import NPZ_DATASETS, load_digits_reverse, load_named_npz, load_npz
 from fairkernels.data.synthetic import make_synthetic
 from fairkernels.data.tabular import load_csv
 from fairkernels.data.uci import load_adult, load_ds, load_har
 
 __all__ = ["DATA_ENV", "Dataset", "available", "encode_groups", "from_arrays", "load", "load_adult",
-           "load_csv", "load_digits_reverse", "load_ds", "load_har", "load_npz", "make_synthetic"]
+           "load_csv", "load_digits_reverse", "load_ds", "load_har", "load_npz", "make_appearance",
+           "make_synthetic"]
 
 
 def _file_loader(loader: Callable) -> Callable:
@@ -42,6 +44,7 @@ def _named_npz(name: str) -> Callable:
 _LOADERS = {
     "digits-reverse": _no_files(load_digits_reverse),
     "synthetic": _no_files(make_synthetic),
+    "appearance": _no_files(make_appearance),
     "adult": _file_loader(load_adult),
     "har": _file_loader(load_har),
     "ds": _file_loader(load_ds),
@@ -58,7 +61,8 @@ def load(name: str, root=None, **options) -> Dataset:
     """Load a data set by name (see :func:`available`) or from a path ending in .npz or .csv.
 
     options go to the loader: synthetic(n, dim, n_clusters, n_groups, bias, seed, separation,
-    chunk_rows); adult(split, group_column, drop_columns); har(split); ds(features, activities);
+    chunk_rows); appearance(n, dim, n_clusters, n_groups, latent_dim, noise, seed);
+    adult(split, group_column, drop_columns); har(split); ds(features, activities);
     .csv(group_column, label_column, delimiter, drop_columns)."""
     if not isinstance(name, (str, Path)):
         raise TypeError(f"name must be a data set name or a path, got {type(name).__name__}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fairkernels.models.grouped import GroupConvTranspose2d, GroupLinear
+from fairkernels.models.grouped import GroupBatchNorm1d, GroupConvTranspose2d, GroupLinear
 
 FCMI_HIDDEN = (1024, 1024, 512, 256)
 
@@ -38,38 +38,76 @@ def _dense_block(sizes, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class FCAutoencoder(nn.Module):
-    """FCMI's fully connected autoencoder.
+class GroupMLP(nn.Module):
+    """Linear (+ BatchNorm) + ReLU layers whose weights and batch statistics belong to the row's
+    group (one MLP per group, routed without a Python loop for a few groups; see grouped.py),
+    then a last GroupLinear without activation. With num_groups = 1 it is a plain MLP."""
 
-    Encoder: input - 1024 - 1024 - 512 (Linear+BatchNorm+ReLU) then 512 - 256 - d (the 256
-    layer with BN+ReLU, the last one linear). The decoder mirrors it; with multi_branch=True
-    (and num_groups > 1) its output layer is one Linear per group (FCMI's multi-branch decoder).
-    `width` scales the hidden sizes (1.0 = the paper's)."""
+    def __init__(self, sizes, num_groups: int, batch_norm: bool):
+        super().__init__()
+        self.linears = nn.ModuleList(GroupLinear(a, b, num_groups) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.norms = nn.ModuleList(GroupBatchNorm1d(b, num_groups) for b in sizes[1:-1]) if batch_norm else None
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        last = len(self.linears) - 1
+        for index, linear in enumerate(self.linears):
+            x = linear(x, groups)
+            if index < last:
+                if self.norms is not None:
+                    x = self.norms[index](x, groups)
+                x = torch.relu(x)
+        return x
+
+
+class FCAutoencoder(nn.Module):
+    """FCMI's fully connected autoencoder, laid out as the authors' network for vector data.
+
+    Encoder: input - 1024 - 1024 - 512 (Linear+BatchNorm+ReLU), then 512 - 256 (Linear+ReLU)
+    and 256 - d (linear). Decoder: the L2-normalised code (normalize_latent) through a shared
+    d - 256 - 512 (Linear+ReLU), then 512 - 1024 - 1024 - input with BatchNorm, which with
+    multi_branch=True (and num_groups > 1) is a separate branch per protected group, its own
+    weights and batch statistics (the paper's group-wise decoder). Reconstructing from the
+    unit-norm code means the decoder sees exactly what the cosine clustering sees, and the deep
+    per-group branch can render each group's appearance from a code that need not carry the
+    group. `width` scales the hidden sizes (1.0 = the paper's); batch_norm=False drops every
+    BatchNorm. decoder_branch_layers: how many of the decoder's last Linear layers are per group
+    (3 = the paper's; 1 = only the output layer)."""
 
     def __init__(self, input_dim: int, latent_dim: int, num_groups: int = 1, *, width: float = 1.0,
-                 hidden=FCMI_HIDDEN, multi_branch: bool = True, batch_norm: bool = True):
+                 hidden=FCMI_HIDDEN, multi_branch: bool = True, batch_norm: bool = True,
+                 normalize_latent: bool = True, decoder_branch_layers: int = 3):
         super().__init__()
         _check_dims(input_dim, latent_dim, num_groups)
         widths = scaled_widths(hidden, width)
+        if not isinstance(decoder_branch_layers, int) or not 1 <= decoder_branch_layers <= len(widths):
+            raise ValueError(f"decoder_branch_layers must be an int in [1, {len(widths)}], "
+                             f"got {decoder_branch_layers!r}")
         self.input_dim, self.latent_dim, self.num_groups = input_dim, latent_dim, num_groups
-        self.encoder = nn.Sequential(_dense_block([input_dim] + widths, batch_norm), nn.Linear(widths[-1], latent_dim))
-        self.decoder_trunk = _dense_block([latent_dim] + widths[::-1], batch_norm)
+        self.normalize_latent = normalize_latent
+        # BatchNorm on the wide layers only, as the authors' "1001" layout: not on the layers
+        # next to the code, where it would re-scale the code the clustering works on.
+        bn_encoder = len(widths) - 1
+        self.encoder = nn.Sequential(_dense_block([input_dim] + widths[:bn_encoder], batch_norm),
+                                     _dense_block(widths[bn_encoder - 1:], False), nn.Linear(widths[-1], latent_dim))
+        decoder_sizes = [latent_dim] + widths[::-1] + [input_dim]
+        split = len(decoder_sizes) - 1 - decoder_branch_layers      # index of the first branch input
+        self.decoder_trunk = _dense_block(decoder_sizes[:split + 1], False)
         self.multi_branch = multi_branch and num_groups > 1
-        if self.multi_branch:
-            self.decoder_out = GroupLinear(widths[0], input_dim, num_groups)
-        else:
-            self.decoder_out = nn.Linear(widths[0], input_dim)
+        self.decoder_branch = GroupMLP(decoder_sizes[split:], num_groups if self.multi_branch else 1, batch_norm)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
     def decode(self, h: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        if self.normalize_latent:
+            h = nn.functional.normalize(h, dim=1)
         trunk = self.decoder_trunk(h)
         if self.multi_branch:
             if groups is None:
                 raise ValueError("groups is required by the multi-branch decoder")
-            return self.decoder_out(trunk, groups)
-        return self.decoder_out(trunk)
+        else:
+            groups = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        return self.decoder_branch(trunk, groups)
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None):
         h = self.encode(x)

@@ -1,4 +1,4 @@
-"""Soft assignments: Student-t (SPEC 1.1, DEC/DFC) and cosine softmax (SPEC 1.2, FCMI).
+"""Soft assignments: Student-t (docs/math.md §1.1, DEC/DFC) and cosine softmax (docs/math.md §1.2, FCMI).
 
 The fused backends take the dot products from a BLAS/tensor-core matmul and fuse everything
 after it (distance, kernel, normalisation; and the matching backward epilogue)."""
@@ -54,7 +54,7 @@ def _validate_pair(x, x_name, centers, check_inputs):
 
 
 def student_t_assign(z, centers, alpha=1.0, *, backend="auto", check_inputs=True):
-    """q_ik = (1 + ||z_i - mu_k||^2 / a)^(-(a+1)/2), normalised over k (SPEC 1.1): N x K.
+    """q_ik = (1 + ||z_i - mu_k||^2 / a)^(-(a+1)/2), normalised over k (docs/math.md §1.1): N x K.
 
     Distances: the expansion ||z'||^2 + ||mu'||^2 - 2 z'.mu' (one matrix product) on z and the
     centres shifted by the centres' mean, which leaves every distance unchanged. Unshifted, the
@@ -71,7 +71,7 @@ def student_t_assign(z, centers, alpha=1.0, *, backend="auto", check_inputs=True
 
 
 def cosine_assign(h, centers, tau=0.1, *, backend="auto", check_inputs=True):
-    """c_ik = softmax_k(cos(h_i, u_k) / tau) (SPEC 1.2): N x K; differentiable in h and centers."""
+    """c_ik = softmax_k(cos(h_i, u_k) / tau) (docs/math.md §1.2): N x K; differentiable in h and centers."""
     _validate_pair(h, "h", centers, check_inputs)
     tau = _checks.check_positive(tau, "tau")
     chosen = _backend.choose(backend, h.device, h.dtype, "cosine")

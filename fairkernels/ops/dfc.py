@@ -1,4 +1,4 @@
-"""DFC (Wang & Davidson) losses, SPEC 4: DEC target, KL(P||Q), batch centroids (eq. 12),
+"""DFC (Wang & Davidson) losses, docs/math.md §4: DEC target, KL(P||Q), batch centroids (eq. 12),
 fairoids, the fairness matrix Phi, its smoothed target Psi and KL(Psi||Phi).
 
 Everything after the N x K assignment is O(K d + T d + K T) algebra, so one implementation
@@ -42,7 +42,7 @@ class KLDivFunction(torch.autograd.Function):
 
 
 def kl_div(target, q, *, backend="auto", check_inputs=True):
-    """KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik) (SPEC 4); differentiable in q only."""
+    """KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik) (docs/math.md §4); differentiable in q only."""
     _check_assignments(target, "target")
     _check_assignments(q)
     if target.shape != q.shape:
@@ -58,7 +58,7 @@ def kl_div(target, q, *, backend="auto", check_inputs=True):
 
 
 def batch_centroids(q, z, ridge=1e-6):
-    """M = (Q^T Q)^-1 Q^T Z (SPEC 4, eq. 12) with a ridge of ridge * trace / K, by Cholesky."""
+    """M = (Q^T Q)^-1 Q^T Z (docs/math.md §4, eq. 12) with a ridge of ridge * trace / K, by Cholesky."""
     _check_assignments(q)
     _checks.check_matrix(z, "z")
     if z.shape[0] != q.shape[0]:
@@ -68,7 +68,7 @@ def batch_centroids(q, z, ridge=1e-6):
 
 
 def fairoids(z, groups, num_groups=None, previous=None, *, check_inputs=True):
-    """pi_t = mean of z over group t (SPEC 4) -> (fairoids T x d, present mask T). Groups absent
+    """pi_t = mean of z over group t (docs/math.md §4) -> (fairoids T x d, present mask T). Groups absent
     from the batch keep `previous` and are marked absent (excluded from the loss)."""
     _checks.check_matrix(z, "z")
     num_groups = _checks.check_groups(groups, z.shape[0], z, num_groups, check_inputs)
@@ -88,14 +88,14 @@ def fairness_matrix(centroids, group_centroids, alpha=1.0, present=None):
 
 
 def fairoid_target(phi, beta=1000.0, present=None):
-    """Psi: the smoothed, near-uniform target of Phi (SPEC 4; no gradient)."""
+    """Psi: the smoothed, near-uniform target of Phi (docs/math.md §4; no gradient)."""
     _checks.check_matrix(phi, "phi")
     beta = _checks.check_positive(beta, "beta")
     return reference.fairoid_target(phi, beta, present=present)
 
 
 def fairoid_loss(psi, phi):
-    """L_fr = KL(Psi || Phi) = (1/K) sum_kt psi_kt log(psi_kt / phi_kt) (SPEC 4)."""
+    """L_fr = KL(Psi || Phi) = (1/K) sum_kt psi_kt log(psi_kt / phi_kt) (docs/math.md §4)."""
     _checks.check_matrix(psi, "psi")
     _checks.check_matrix(phi, "phi")
     if psi.shape != phi.shape:
@@ -105,7 +105,7 @@ def fairoid_loss(psi, phi):
 
 def dfc_loss(q, z, groups, num_groups=None, gamma=1.0, alpha=1.0, beta=1000.0, target=None,
              previous_fairoids=None, *, backend="auto", check_inputs=True):
-    """L = KL(P||Q) + gamma KL(Psi||Phi) (SPEC 4) -> (loss, l_cl, l_fr, fairoids).
+    """L = KL(P||Q) + gamma KL(Psi||Phi) (docs/math.md §4) -> (loss, l_cl, l_fr, fairoids).
 
     target: the DEC target P for these rows (the trainer refreshes it on its schedule); None
     computes it from q. previous_fairoids: fairoids kept for groups absent from this batch."""

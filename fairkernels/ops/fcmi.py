@@ -1,10 +1,10 @@
-"""FCMI loss (SPEC 3, 6): fcmi_terms, fcmi_loss, fcmi_loss_from_embeddings.
+"""FCMI loss (docs/math.md §3, 6): fcmi_terms, fcmi_loss, fcmi_loss_from_embeddings.
 
 The fused path never holds an N x K intermediate: the forward kernel reads the logits once and
 returns the row logsumexp (N floats) plus the sufficient statistics (joint T x K, entropy sum);
 the small T x K algebra below turns them into the losses; the backward kernel reads the logits
 once more and writes the gradient. With a process group the statistics are all-reduced, so the
-loss and gradient equal those of the single-process op on the concatenated batch (SPEC 6).
+loss and gradient equal those of the single-process op on the concatenated batch (docs/math.md §6).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _all_reduce(tensor: torch.Tensor, process_group) -> torch.Tensor:
 
 
 def _losses_from_statistics(joint, counts, ent_sum, num_rows: float, process_group):
-    """T x K algebra of SPEC 3 on (possibly all-reduced) statistics.
+    """T x K algebra of docs/math.md §3 on (possibly all-reduced) statistics.
 
     Returns l_clu, l_fair (acc dtype), and what the backward needs: log p_k, log p_tk, N (a
     Python float, or a 0-dim tensor when N is the all-reduced global batch size)."""
@@ -55,7 +55,7 @@ def _losses_from_statistics(joint, counts, ent_sum, num_rows: float, process_gro
 
 
 def _gradient_table(grad_clu, grad_fair, log_p_cluster, log_p_joint, num_rows):
-    """SPEC 3: G_ik = table[g_i, k] - logc_coef * log c_ik, with alpha, beta the upstream grads."""
+    """docs/math.md §3: G_ik = table[g_i, k] - logc_coef * log c_ik, with alpha, beta the upstream grads."""
     table = (grad_clu * log_p_cluster[None, :] + grad_fair * (log_p_joint - log_p_cluster[None, :])) / num_rows
     return table.contiguous(), (grad_clu / num_rows).reshape(())
 
@@ -110,7 +110,7 @@ def _embedding_chunks(num_rows, num_clusters):
 
 
 class FcmiEmbeddingFunction(torch.autograd.Function):
-    """(h, centers, groups) -> (L_clu, L_fair) with cosine logits (SPEC 1.2 + 3).
+    """(h, centers, groups) -> (L_clu, L_fair) with cosine logits (docs/math.md §1.2 + 3).
 
     Uses the backend's fused fcmi_emb_fwd/_bwd when it has them (Triton: logits live in
     registers only); otherwise it streams row chunks through fcmi_fwd/_bwd, recomputing each
@@ -200,12 +200,12 @@ def _validate_logits(logits, groups, num_groups, backend, check_inputs):
 
 def fcmi_terms(logits, groups, num_groups=None, *, backend="auto", deterministic=False,
                process_group=None, check_inputs=True):
-    """(L_clu, L_fair) of FCMI (SPEC 3) for logits (N x K) and protected groups (N,).
+    """(L_clu, L_fair) of FCMI (docs/math.md §3) for logits (N x K) and protected groups (N,).
 
     L_clu = -H(C) + H(C|X) and L_fair = I(G;C), with c = softmax(logits). Both are 0-dim
     tensors in the logits' dtype. num_groups=None infers max(groups) + 1 (a device sync).
     process_group (a torch.distributed group, or True for the default group) all-reduces the
-    sufficient statistics so every rank gets the loss of the global batch (SPEC 6).
+    sufficient statistics so every rank gets the loss of the global batch (docs/math.md §6).
     The cpu backend is always deterministic; Triton is with deterministic=True.
     check_inputs: reject non-finite logits and group ids outside [0, num_groups). On the cpu
     backend the kernels do this inside their first pass (no extra pass over the data).
@@ -219,7 +219,7 @@ def fcmi_terms(logits, groups, num_groups=None, *, backend="auto", deterministic
 
 def fcmi_loss(logits, groups, num_groups=None, alpha=0.04, beta=0.2, *, backend="auto",
               deterministic=False, process_group=None, check_inputs=True):
-    """alpha * L_clu + beta * L_fair (SPEC 3) as a 0-dim tensor; see fcmi_terms.
+    """alpha * L_clu + beta * L_fair (docs/math.md §3) as a 0-dim tensor; see fcmi_terms.
 
     Example:
         >>> loss = fairkernels.fcmi_loss(logits, groups)
@@ -258,7 +258,7 @@ def fcmi_terms_from_embeddings(h, centers, groups, num_groups=None, tau=0.1, *, 
 
 def fcmi_loss_from_embeddings(h, centers, groups, num_groups=None, tau=0.1, alpha=0.04, beta=0.2, *,
                               backend="auto", deterministic=False, process_group=None, check_inputs=True):
-    """alpha * L_clu + beta * L_fair with c = softmax(cos(h, centers) / tau) (SPEC 1.2 + 3).
+    """alpha * L_clu + beta * L_fair with c = softmax(cos(h, centers) / tau) (docs/math.md §1.2 + 3).
 
     Extra memory is O(N + T K + K d): the N x K logits are never materialised (the fused
     Triton kernel keeps them in registers; the CPU path streams row chunks)."""

@@ -1,4 +1,4 @@
-"""Group x cluster joint histogram (SPEC 2.1) and mutual information I(G;C) (SPEC 2.2)."""
+"""Group x cluster joint histogram (docs/math.md §2.1) and mutual information I(G;C) (docs/math.md §2.2)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from fairkernels.ops._dispatch import kernels
 
 
 def _check_values(probs, weights):
-    """The value checks of joint_histogram (SPEC 7): finite weights, finite non-negative probs."""
+    """The value checks of joint_histogram (docs/math.md §7): finite weights, finite non-negative probs."""
     if weights is not None:
         _checks.check_finite(weights, "weights")
     _checks.check_finite(probs, "probs")
@@ -47,7 +47,7 @@ class JointHistogramFunction(torch.autograd.Function):
 
 def joint_histogram(probs, groups, num_groups=None, weights=None, *, backend="auto", deterministic=False,
                     check_inputs=True):
-    """J_tk = sum_{i: g_i = t} w_i P_ik (SPEC 2.1), a T x K float32 table (float64 for float64
+    """J_tk = sum_{i: g_i = t} w_i P_ik (docs/math.md §2.1), a T x K float32 table (float64 for float64
     probs). Differentiable in probs (and weights). The cpu backend is deterministic; Triton
     is with deterministic=True.
 
@@ -69,7 +69,7 @@ def joint_histogram(probs, groups, num_groups=None, weights=None, *, backend="au
 
 
 def mutual_information(joint, *, check_inputs=True):
-    """I(G;C) of a non-negative T x K joint table (SPEC 2.2), normalised internally.
+    """I(G;C) of a non-negative T x K joint table (docs/math.md §2.2), normalised internally.
 
     0 log 0 = 0 in the value; the gradient uses eps-floored logs, so it is finite for any
     non-negative table with a positive sum. O(T K): one implementation serves every backend."""

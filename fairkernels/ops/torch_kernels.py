@@ -4,7 +4,7 @@ Every backend exposes these functions with the same names, positional signatures
 dtypes: the C++/CUDA extension as torch.ops.fairkernels.<name> (schemas in csrc/ops.cpp) and
 the Triton kernels as fairkernels.triton.<name>. The autograd.Functions in fairkernels.ops call
 them through `fairkernels.ops._dispatch.kernels(backend)`, so one backward formula serves all
-backends. "acc" below is float64 for float64 inputs and float32 otherwise (SPEC 7).
+backends. "acc" below is float64 for float64 inputs and float32 otherwise (docs/math.md §7).
 
 These bodies materialise N x K temporaries: they are the executable specification of the
 interface (and the "reference" backend's kernels under torch.distributed), not a fast path.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fairkernels.reference import NORM_EPS, _acc_dtype, squared_distances
 
 
-# --------------------------------------------------------------------------- fcmi (SPEC 3)
+# --------------------------------------------------------------------------- fcmi (docs/math.md §3)
 def fcmi_fwd(logits, groups, num_groups: int, deterministic: bool = False):
     """-> (lse[N] acc, joint[T,K] acc = sum_{i in t} c_ik, ent_sum[] acc = sum_ik c_ik log c_ik)."""
     x = logits.to(_acc_dtype(logits.dtype))
@@ -38,7 +38,7 @@ def fcmi_bwd(logits, groups, lse, table, logc_coef, deterministic: bool = False)
     return (c * (g - (c * g).sum(1, keepdim=True))).to(logits.dtype)
 
 
-# --------------------------------------------------------------------------- histogram (SPEC 2.1)
+# --------------------------------------------------------------------------- histogram (docs/math.md §2.1)
 def histogram_fwd(probs, groups, weights, num_groups: int, deterministic: bool = False):
     """-> joint[T,K] acc, J_tk = sum_{g_i = t} w_i P_ik."""
     rows = probs.to(_acc_dtype(probs.dtype))
@@ -66,7 +66,7 @@ def histogram_bwd(grad_joint, groups, weights):
     return grad
 
 
-# --------------------------------------------------------------------------- Student-t (SPEC 1.1)
+# --------------------------------------------------------------------------- Student-t (docs/math.md §1.1)
 def _sq_dist(z, centers):
     """Plain expansion (the k-means kernels' distance, ties resolved on the same values)."""
     acc = _acc_dtype(z.dtype)
@@ -87,7 +87,7 @@ def student_t_fwd(z, centers, alpha: float):
 
 
 def student_t_bwd(grad_q, q, z, centers, alpha: float):
-    """-> (grad_z[N,d], grad_centers[K,d]) by the SPEC 1.1 backward (two matrix products)."""
+    """-> (grad_z[N,d], grad_centers[K,d]) by the docs/math.md §1.1 backward (two matrix products)."""
     acc = _acc_dtype(z.dtype)
     qa, ga = q.to(acc), grad_q.to(acc)
     s = qa * (ga - (qa * ga).sum(1, keepdim=True))
@@ -101,7 +101,7 @@ def student_t_bwd(grad_q, q, z, centers, alpha: float):
     return grad_z.to(z.dtype), grad_centers.to(centers.dtype)
 
 
-# --------------------------------------------------------------------------- cosine (SPEC 1.2)
+# --------------------------------------------------------------------------- cosine (docs/math.md §1.2)
 def normalize_backward(x, x_unit, grad_unit):
     """Gradient through x / max(||x||, eps) given the unit vectors and dL/d(unit)."""
     norm = x.norm(dim=1, keepdim=True)

@@ -16,10 +16,12 @@ seed and global batch the run follows the single-process one up to float roundin
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict
 
 import numpy as np
@@ -67,6 +69,15 @@ def as_group_tensor(groups, num_rows: int, name: str = "groups") -> tuple[torch.
     return torch.as_tensor(values.astype(np.int64)), int(values.max()) + 1
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with the fused (one kernel for every parameter) implementation where torch has it
+    for these tensors: the per-parameter Python loop of the default CPU path costs as much as
+    the model's own step for the small autoencoders of fair clustering."""
+    params = list(params)
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=bool(params) and fusable)
+
+
 @torch.no_grad()
 def encode_all(model, X: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Embeddings of every row in eval mode, chunk by chunk (BatchNorm uses running stats)."""
@@ -111,6 +122,26 @@ class Trainer(abc.ABC):
         self.labels_ = None
         self.num_groups = None
         self.epochs_run = 0
+        # Seconds spent per part of fit() ("train", "encode", "kmeans", "metrics", "checkpoint"),
+        # filled only when profile is True (each section then synchronises the device).
+        self.profile = False
+        self.timings: dict = defaultdict(float)
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        """Adds the wall time of the block to self.timings[name] when self.profile is on."""
+        if not self.profile:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] += time.perf_counter() - started
 
     # ------------------------------------------------------------------ method hooks
     @property
@@ -128,7 +159,7 @@ class Trainer(abc.ABC):
         return self.model.parameters()
 
     def make_optimizer(self, phase: str):
-        return torch.optim.Adam(self.parameters(phase), lr=self.config.lr)
+        return adam(self.parameters(phase), self.config.lr)
 
     def begin_epoch(self, epoch: int, phase: str, X: torch.Tensor, groups: torch.Tensor) -> None:
         """Epoch-level state (centers, targets) computed before the first batch."""
@@ -193,20 +224,25 @@ class Trainer(abc.ABC):
                 if saved_optimizer is not None and saved_phase == phase:
                     optimizer.load_state_dict(saved_optimizer)
                 saved_optimizer = None
-            terms = self._run_epoch(epoch, phase, stream, optimizer)
+            with self.timed("train"):
+                terms = self._run_epoch(epoch, phase, stream, optimizer)
             self._check_finite(epoch, terms, path)
             pred = self.end_epoch(epoch, phase, X_dev, groups_dev)
             record = {"epoch": epoch, "phase": phase, **terms}
             if pred is not None:
-                record.update(self._evaluate(pred, self.local(groups_dev)))
+                with self.timed("metrics"):
+                    record.update(self._evaluate(pred, self.local(groups_dev)))
             record["seconds"] = time.perf_counter() - started
+            if self.profile:
+                record["timings"] = dict(self.timings)      # cumulative, see Trainer.timed
             self.history.append(record)
             if cfg.verbose and talk:
                 tqdm.write(_format_record(record, self.total_epochs), file=sys.stderr)
             if path:
-                if talk:
-                    self._save(path, epoch, optimizer, phase)
-                self.parallel.barrier()      # no rank reads or resumes from a half-written epoch
+                with self.timed("checkpoint"):
+                    if talk:
+                        self._save(path, epoch, optimizer, phase)
+                    self.parallel.barrier()      # no rank reads or resumes from a half-written epoch
             self.epochs_run += 1
         epoch_bar.close()
         self.labels_ = self.parallel.gather_rows(self.finalize(X_dev, groups_dev), num_rows).cpu().numpy()
@@ -265,41 +301,53 @@ class Trainer(abc.ABC):
         self.parallel.average_gradients(params)
 
     @torch.no_grad()
-    def refresh_kmeans(self, X: torch.Tensor, epoch: int, *, spherical: bool, shard_embeddings=None):
+    def refresh_kmeans(self, X: torch.Tensor, epoch: int, *, spherical: bool, shard_embeddings=None,
+                       init_centers=None, n_iter=None):
         """k-means centers of the embeddings of the set (or of a fresh sample of
         config.kmeans_sample_size rows), each rank clustering its shard with all-reduced sums.
 
         k-means++ runs on the same seeding rows on every rank (max(50 K, 10^4) of them, the
         kmeans module's rule), rank 0's result is broadcast, then Lloyd refines it over all the
         rows: the same centers as one process, which would see the same rows.
-        shard_embeddings: the embeddings of self.local(X), when the caller already has them."""
+        shard_embeddings: the embeddings of self.local(X), when the caller already has them.
+        init_centers: warm start from these centers (e.g. the last refresh's) instead of
+        k-means++; n_iter: Lloyd iterations (default config.kmeans_iter)."""
         from fairkernels.kmeans import SEED_POINTS_PER_CLUSTER, SEED_SAMPLE_MIN, kmeans
         cfg, par = self.config, self.parallel
         num_rows = X.shape[0]
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         sample_size = cfg.kmeans_sample_size
-        if sample_size is None or sample_size >= num_rows:
-            rows = torch.arange(num_rows)
-            local = shard_embeddings if shard_embeddings is not None else \
-                encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-        else:
-            rows = torch.randperm(num_rows, generator=generator)[:max(sample_size, par.world_size)].sort().values
-            local_rows = rows[par.shard(rows.shape[0])].to(X.device)
-            local = encode_all(self.model, X[local_rows], cfg.eval_chunk_size)
-        seed_count = min(rows.shape[0], max(SEED_POINTS_PER_CLUSTER * cfg.n_clusters, SEED_SAMPLE_MIN))
-        seed_rows = rows[torch.randperm(rows.shape[0], generator=generator)[:seed_count]].sort().values
-        seeds = encode_all(self.model, X[seed_rows.to(X.device)], cfg.eval_chunk_size)
-        if spherical:
-            local, seeds = F.normalize(local, dim=1), F.normalize(seeds, dim=1)
-        init = kmeans(seeds, cfg.n_clusters, init="k-means++", n_iter=0, spherical=spherical,
-                      seed=cfg.seed + epoch, deterministic=cfg.deterministic).centers
-        par.broadcast_(init)
-        result = kmeans(local, cfg.n_clusters, init_centers=init, n_iter=cfg.kmeans_iter, spherical=spherical,
-                        seed=cfg.seed + epoch, deterministic=cfg.deterministic, process_group=par.process_group)
+        with self.timed("encode"):
+            if sample_size is None or sample_size >= num_rows:
+                rows = torch.arange(num_rows)
+                local = shard_embeddings if shard_embeddings is not None else \
+                    encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+            else:
+                rows = torch.randperm(num_rows, generator=generator)[:max(sample_size, par.world_size)].sort().values
+                local_rows = rows[par.shard(rows.shape[0])].to(X.device)
+                local = encode_all(self.model, X[local_rows], cfg.eval_chunk_size)
+            if spherical:
+                local = F.normalize(local, dim=1)
+        with self.timed("kmeans"):
+            if init_centers is None:
+                seed_count = min(rows.shape[0], max(SEED_POINTS_PER_CLUSTER * cfg.n_clusters, SEED_SAMPLE_MIN))
+                seed_rows = rows[torch.randperm(rows.shape[0], generator=generator)[:seed_count]].sort().values
+                seeds = encode_all(self.model, X[seed_rows.to(X.device)], cfg.eval_chunk_size)
+                if spherical:
+                    seeds = F.normalize(seeds, dim=1)
+                init = kmeans(seeds, cfg.n_clusters, init="k-means++", n_iter=0, spherical=spherical,
+                              seed=cfg.seed + epoch, deterministic=cfg.deterministic).centers
+                par.broadcast_(init)
+            else:
+                init = init_centers.to(local.device, local.dtype)   # identical on every rank already
+            result = kmeans(local, cfg.n_clusters, init_centers=init,
+                            n_iter=cfg.kmeans_iter if n_iter is None else n_iter, spherical=spherical,
+                            seed=cfg.seed + epoch, deterministic=cfg.deterministic,
+                            process_group=par.process_group)
         return result.centers.to(local.dtype)
 
     def _evaluate(self, pred: torch.Tensor, groups: torch.Tensor) -> dict:
-        """SPEC 5 metrics of the whole set from this rank's predictions (its shard) and the
+        """docs/math.md §5 metrics of the whole set from this rank's predictions (its shard) and the
         all-reduced K x T and K x L count tables."""
         num_clusters, num_groups = self.config.n_clusters, self.num_groups
         tables = [count_pairs(pred, groups, num_clusters, num_groups).reshape(-1)]
@@ -373,7 +421,7 @@ class Trainer(abc.ABC):
 
 
 def _format_record(record: dict, total: int) -> str:
-    skip = {"epoch", "phase", "seconds"}
+    skip = {"epoch", "phase", "seconds", "timings"}
     parts = [f"{key}={value:.4g}" for key, value in record.items() if key not in skip]
     return f"epoch {record['epoch'] + 1}/{total} [{record['phase']}] " + " ".join(parts) + \
         f" ({record['seconds']:.1f}s)"

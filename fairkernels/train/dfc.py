@@ -91,14 +91,14 @@ class DFCTrainer(Trainer):
 
     @torch.no_grad()
     def refresh_target(self, X):
-        """DEC target P over the whole set from the current Q (SPEC 4); f_k needs every row."""
+        """DEC target P over the whole set from the current Q (docs/math.md §4); f_k needs every row."""
         cfg = self.config
         z = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
         q = fk.student_t_assign(z, self.mu.detach(), cfg.alpha, backend=cfg.backend)
         if not self.parallel.active:
             self.state["target"] = fk.dec_target(q, backend=cfg.backend)
             return
-        # SPEC 4 with f_k summed over every rank's shard; the batches draw rows from the whole
+        # docs/math.md §4 with f_k summed over every rank's shard; the batches draw rows from the whole
         # permutation, so every rank gets every row's target.
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_acc = q.to(acc)

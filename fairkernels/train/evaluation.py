@@ -1,6 +1,6 @@
 """Per-epoch metrics from contingency counts, so that a rank evaluates only its shard.
 
-Every SPEC 5 metric is a function of two small tables: n_kt (cluster x group) and n_kl
+Every docs/math.md §5 metric is a function of two small tables: n_kt (cluster x group) and n_kl
 (cluster x label). A rank counts its shard's predictions on the device, the tables are summed
 across ranks (integers: exact), and the metrics follow from the sums; no rank gathers N labels.
 """

@@ -4,10 +4,11 @@ c = softmax(cos(h, u) / tau) with u the spherical k-means centroids of the L2-no
 embeddings of the whole training set, recomputed before every epoch (here: at the end of the
 previous one, which is the same model, so the centers double as that epoch's predictions).
 L_clu and L_fair come from the fused fairkernels op (no N x K logits). The first
-warmup_epochs minimise the reconstruction only.
+warmup_epochs minimise the reconstruction only (shortened, with a warning, when it would
+cover every epoch).
 
 Under DDP the op gets the process group, so L_clu and L_fair are those of the global batch
-(SPEC 6) and its backward gives each rank the exact gradient of the global terms for its own
+(docs/math.md §6) and its backward gives each rank the exact gradient of the global terms for its own
 rows; see batch_losses for how that meets DDP's gradient averaging.
 """
 from __future__ import annotations
@@ -35,14 +36,24 @@ class FCMITrainer(Trainer):
             return ConvAutoencoder(cfg.embedding_dim, num_groups, in_channels=cfg.image_channels, image_size=side,
                                    width=cfg.width, multi_branch=cfg.multi_branch)
         return FCAutoencoder(input_dim, cfg.embedding_dim, num_groups, width=cfg.width,
-                             multi_branch=cfg.multi_branch)
+                             multi_branch=cfg.multi_branch, normalize_latent=cfg.normalize_latent,
+                             decoder_branch_layers=cfg.decoder_branch_layers)
 
     def phase(self, epoch: int) -> str:
-        return "warmup" if epoch < self.config.warmup_epochs else "fcmi"
+        return "warmup" if epoch < self.config.effective_warmup_epochs else "fcmi"
 
     def compute_centers(self, X: torch.Tensor, epoch: int, shard_embeddings=None) -> torch.Tensor:
         """Spherical k-means centroids of the normalised embeddings of the whole set (or of
-        config.kmeans_sample_size rows of it)."""
+        config.kmeans_sample_size rows of it). With center_refresh="warm" every refresh after
+        the first starts from the last centers and runs refresh_iter Lloyd iterations: the
+        clusters keep their identity from epoch to epoch (so the fairness term pushes the same
+        clusters every epoch) and the refresh costs a few passes instead of a full k-means++
+        restart ("restart", the paper's choice)."""
+        cfg = self.config
+        previous = self.state.get("centers")
+        if cfg.center_refresh == "warm" and previous is not None:
+            return self.refresh_kmeans(X, epoch, spherical=True, shard_embeddings=shard_embeddings,
+                                       init_centers=previous, n_iter=cfg.refresh_iter)
         return self.refresh_kmeans(X, epoch, spherical=True, shard_embeddings=shard_embeddings)
 
     def begin_epoch(self, epoch, phase, X, groups):
@@ -69,10 +80,23 @@ class FCMITrainer(Trainer):
         return objective, {"rec": l_rec, "clu": l_clu, "fair": l_fair, "loss": loss}
 
     def end_epoch(self, epoch, phase, X, groups):
+        # Warm-up epochs before the last one need no centers (nothing uses them), so they
+        # skip the whole-set encoding and the k-means.
+        if phase == "warmup" and epoch + 1 < self.config.effective_warmup_epochs:
+            return None
         # The centers of epoch + 1 (the model no longer changes before it starts).
-        h = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
-        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h)
-        return self.predict_embeddings(h)
+        cfg = self.config
+        whole_set_refresh = cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= X.shape[0]
+        if not (whole_set_refresh or self._eval_labels is not None or epoch + 1 == self.total_epochs):
+            # A large set without labels: the refresh encodes its sample only, and the epoch
+            # reports no whole-set metrics (they would cost a forward pass over every row).
+            self.state["centers"] = self.compute_centers(X, epoch + 1)
+            return None
+        with self.timed("encode"):
+            h = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h if whole_set_refresh else None)
+        with self.timed("metrics"):
+            return self.predict_embeddings(h)
 
     def finalize(self, X, groups):
         if "centers" not in self.state:       # epochs == 0: cluster the untrained embeddings

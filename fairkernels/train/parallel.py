@@ -8,7 +8,7 @@
   * the evaluation / k-means rows: a balanced contiguous shard of the whole set (or of the
     k-means sample) per rank; metrics come from all-reduced contingency counts.
 DDP gets its own process group, separate from the default one that the BatchNorm statistics,
-the FCMI op (SPEC 6), k-means and the metrics all-reduce on, so collectives issued from the
+the FCMI op (docs/math.md §6), k-means and the metrics all-reduce on, so collectives issued from the
 autograd engine (DDP's gradient buckets, the BatchNorm backward) can never interleave
 differently on two ranks.
 """

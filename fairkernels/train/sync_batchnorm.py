@@ -33,7 +33,8 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def _sum_over_ranks(tensor: torch.Tensor, process_group) -> torch.Tensor:
+def sum_over_ranks(tensor: torch.Tensor, process_group) -> torch.Tensor:
+    """The sum over ranks of `tensor`, differentiable (process_group True: the default group)."""
     return _SumOverRanks.apply(tensor, None if process_group is True else process_group)
 
 
@@ -57,11 +58,11 @@ class GlobalBatchNorm(_BatchNorm):
         shape = [1, -1] + [1] * (input.dim() - 2)
         local_count = input.numel() // input.shape[1]
         stats = torch.cat([input.sum(dims), input.new_full((1,), float(local_count))])
-        stats = _sum_over_ranks(stats, self.process_group)
+        stats = sum_over_ranks(stats, self.process_group)
         count = stats[-1].detach()
         mean = stats[:-1] / count
         centered = input - mean.view(shape)
-        var = _sum_over_ranks((centered * centered).sum(dims), self.process_group) / count
+        var = sum_over_ranks((centered * centered).sum(dims), self.process_group) / count
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -81,7 +82,12 @@ class GlobalBatchNorm(_BatchNorm):
 
 def convert_batch_norm(module: nn.Module, process_group=True) -> nn.Module:
     """`module` with every nn.BatchNorm* replaced by a GlobalBatchNorm holding the same
-    parameters and buffers (same state_dict keys), like nn.SyncBatchNorm.convert_sync_batchnorm."""
+    parameters and buffers (same state_dict keys), like nn.SyncBatchNorm.convert_sync_batchnorm,
+    and every GroupBatchNorm1d set to all-reduce its per-group statistics."""
+    from fairkernels.models.grouped import GroupBatchNorm1d
+    if isinstance(module, GroupBatchNorm1d):
+        module.process_group = process_group
+        return module
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                     module.track_running_stats, process_group)

@@ -1,5 +1,5 @@
 """Pieces shared by the Triton kernel families: block-size and program-count choices, the
-privatised group x cluster accumulation of SPEC 2.1, and small numeric helpers.
+privatised group x cluster accumulation of docs/math.md §2.1, and small numeric helpers.
 
 Every kernel is "persistent": a program walks the row tiles pid, pid + P, pid + 2P, ... so the
 number of programs P is chosen independently of N. That matters twice: reductions over rows go
@@ -36,7 +36,7 @@ LOG_EPS = 1e-12
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SPEC 7: float64 accumulation for float64 inputs, float32 otherwise."""
+    """docs/math.md §7: float64 accumulation for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -90,7 +90,7 @@ def partial_slots(programs: int, deterministic: bool) -> int:
 
 @triton.jit
 def eps_of(ACC: tl.constexpr):
-    """The 1e-12 floor of SPEC 1.2 / 2.2 as a constant of the acc dtype: a bare literal would be
+    """The 1e-12 floor of docs/math.md §1.2 / 2.2 as a constant of the acc dtype: a bare literal would be
     rounded to float32 first, which differs from the float64 reference by 4e-9 relative."""
     return tl.full((), 1e-12, ACC)
 
@@ -105,7 +105,7 @@ def log1p_pos(x):
 @triton.jit
 def add_joint_tile(JOINT_ptr, values, groups, row_mask, offs_k, k_mask, K, T,
                    BLOCK_T: tl.constexpr, ATOMIC: tl.constexpr):
-    """J[t, k] += sum_{rows i of this tile with g_i = t} values[i, k]  (SPEC 2.1).
+    """J[t, k] += sum_{rows i of this tile with g_i = t} values[i, k]  (docs/math.md §2.1).
 
     The rows of the tile are first reduced per group with a one-hot matmul (onehot^T @ values),
     so memory sees one update per (group, cluster) of the tile instead of one per element;

@@ -1,4 +1,4 @@
-"""Triton kernels of the soft assignments: Student-t (SPEC 1.1) and cosine softmax (SPEC 1.2).
+"""Triton kernels of the soft assignments: Student-t (docs/math.md §1.1) and cosine softmax (docs/math.md §1.2).
 
 One forward and one backward kernel serve both kernels (constexpr STUDENT_T): the dot products
 come from tl.dot on [BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_K] register tiles, and everything after
@@ -71,7 +71,7 @@ def _soft_assign_fwd_kernel(
     BLOCK_D: tl.constexpr,
     SINGLE_K_TILE: tl.constexpr,
 ):
-    """q_ik = softmax_k(scores_ik), scores as _scores_tile (SPEC 1.1 / 1.2)."""
+    """q_ik = softmax_k(scores_ik), scores as _scores_tile (docs/math.md §1.1 / 1.2)."""
     pid = tl.program_id(0)
     param = tl.load(PARAM_ptr).to(ACC)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
@@ -134,9 +134,9 @@ def _soft_assign_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """S_ik = q_ik (G_ik - sum_k' q_ik' G_ik'). Student-t (SPEC 1.1): coef = S (-(a+1)/2)/(a+d),
+    """S_ik = q_ik (G_ik - sum_k' q_ik' G_ik'). Student-t (docs/math.md §1.1): coef = S (-(a+1)/2)/(a+d),
     dL/dz = 2 (sum_k coef) z - 2 coef @ mu, slots get coef^T z and colsum(coef).
-    Cosine (SPEC 1.2): coef = S / tau, dL/dh = normalize_bwd(coef @ u_unit), slots get coef^T h_unit."""
+    Cosine (docs/math.md §1.2): coef = S / tau, dL/dh = normalize_bwd(coef @ u_unit), slots get coef^T h_unit."""
     pid = tl.program_id(0)
     param = tl.load(PARAM_ptr).to(ACC)
     GRAD_C_slot = GRAD_C_ptr + pid.to(tl.int64) * K * D
@@ -238,7 +238,7 @@ def _assign_bwd(grad_q, q, x, centers_in, param, student_t):
 
 @torch.library.custom_op("fairkernels::triton_student_t_fwd", mutates_args=())
 def student_t_fwd(z: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
-    """-> q [N, K] in z's dtype (SPEC 1.1)."""
+    """-> q [N, K] in z's dtype (docs/math.md §1.1)."""
     if z.shape[1] > cm.MAX_BLOCK_D:
         return torch_kernels.student_t_fwd(z, centers, alpha)
     return _assign_fwd(z, centers, alpha, True)
@@ -252,7 +252,7 @@ def _(z, centers, alpha):
 @torch.library.custom_op("fairkernels::triton_student_t_bwd", mutates_args=())
 def student_t_bwd(grad_q: torch.Tensor, q: torch.Tensor, z: torch.Tensor, centers: torch.Tensor,
                   alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (grad_z, grad_centers) by SPEC 1.1: dL/dmu_k = -2 (sum_i coef_ik z_i - colsum_k mu_k)."""
+    """-> (grad_z, grad_centers) by docs/math.md §1.1: dL/dmu_k = -2 (sum_i coef_ik z_i - colsum_k mu_k)."""
     if z.shape[1] > cm.MAX_BLOCK_D:
         return torch_kernels.student_t_bwd(grad_q, q, z, centers, alpha)
     grad_z, coef_z, colsum = _assign_bwd(grad_q, q, z, centers, alpha, True)
@@ -271,7 +271,7 @@ def _unit(x, acc):
 
 @torch.library.custom_op("fairkernels::triton_cosine_fwd", mutates_args=())
 def cosine_fwd(h: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
-    """-> c [N, K] in h's dtype (SPEC 1.2); centers normalised on the host (O(K d)), h in-kernel."""
+    """-> c [N, K] in h's dtype (docs/math.md §1.2); centers normalised on the host (O(K d)), h in-kernel."""
     if h.shape[1] > cm.MAX_BLOCK_D:
         return torch_kernels.cosine_fwd(h, centers, tau)
     units = _unit(centers, cm.acc_dtype(h.dtype)).to(h.dtype)
@@ -286,7 +286,7 @@ def _(h, centers, tau):
 @torch.library.custom_op("fairkernels::triton_cosine_bwd", mutates_args=())
 def cosine_bwd(grad_c: torch.Tensor, c: torch.Tensor, h: torch.Tensor, centers: torch.Tensor,
                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (grad_h, grad_centers) (SPEC 1.2), the center gradient chained through u / ||u|| on the host."""
+    """-> (grad_h, grad_centers) (docs/math.md §1.2), the center gradient chained through u / ||u|| on the host."""
     if h.shape[1] > cm.MAX_BLOCK_D:
         return torch_kernels.cosine_bwd(grad_c, c, h, centers, tau)
     acc = cm.acc_dtype(h.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernels of the DFC assignment losses (SPEC 4): the DEC target and KL(P || Q).
+"""Triton kernels of the DFC assignment losses (docs/math.md §4): the DEC target and KL(P || Q).
 
 Column sums f_k and the KL sum are accumulated per program into private slots and reduced in a
 fixed order, so both ops are deterministic. kl_div_bwd is elementwise.
@@ -22,7 +22,7 @@ def _dec_target_colsum_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """f_k = sum_i q_ik  (SPEC 4), one partial row per program."""
+    """f_k = sum_i q_ik  (docs/math.md §4), one partial row per program."""
     pid = tl.program_id(0)
     COLSUM_slot = COLSUM_ptr + pid.to(tl.int64) * K
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
@@ -48,7 +48,7 @@ def _dec_target_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """p_ik = w_ik / max(sum_k' w_ik', eps),  w_ik = q_ik^2 / max(f_k, eps)  (SPEC 4)."""
+    """p_ik = w_ik / max(sum_k' w_ik', eps),  w_ik = q_ik^2 / max(f_k, eps)  (docs/math.md §4)."""
     pid = tl.program_id(0)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,7 +82,7 @@ def _kl_div_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """sum_ik p_ik log(p_ik / q_ik) with 0 log 0 = 0 and q floored at eps (SPEC 4)."""
+    """sum_ik p_ik log(p_ik / q_ik) with 0 log 0 = 0 and q floored at eps (docs/math.md §4)."""
     pid = tl.program_id(0)
     total = tl.zeros([BLOCK_N], dtype=ACC)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
@@ -131,7 +131,7 @@ def _row_tiles(q):
 
 @torch.library.custom_op("fairkernels::triton_dec_target", mutates_args=())
 def dec_target(q: torch.Tensor) -> torch.Tensor:
-    """-> p [N, K] in q's dtype (SPEC 4; no gradient)."""
+    """-> p [N, K] in q's dtype (docs/math.md §4; no gradient)."""
     q = q.contiguous()
     acc = cm.acc_dtype(q.dtype)
     num_rows, num_cols = q.shape

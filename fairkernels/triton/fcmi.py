@@ -1,5 +1,5 @@
-"""Triton kernels of the fused FCMI loss (SPEC 3): from logits, and from embeddings with cosine
-logits (SPEC 1.2 + 3) that live in registers only.
+"""Triton kernels of the fused FCMI loss (docs/math.md §3): from logits, and from embeddings with cosine
+logits (docs/math.md §1.2 + 3) that live in registers only.
 
 Forward: one read of the logits (or of h), per row the logsumexp, and the sufficient statistics
 sum_{i in t} c_ik (T x K) and sum_ik c_ik log c_ik. Backward: recompute c from the saved lse and
@@ -57,7 +57,7 @@ def _fcmi_fwd_kernel(
     ATOMIC: tl.constexpr,
 ):
     """lse_i = log sum_k exp(x_ik); J_tk = sum_{g_i = t} c_ik; E = sum_ik c_ik log c_ik, with
-    log c_ik = x_ik - lse_i (SPEC 3)."""
+    log c_ik = x_ik - lse_i (docs/math.md §3)."""
     pid = tl.program_id(0)
     if ATOMIC:  # one table shared by all programs
         JOINT_slot = JOINT_ptr
@@ -171,7 +171,7 @@ def _fcmi_bwd_kernel(
 @triton.jit
 def _unit_rows(H_ptr, H_row_stride, rows, row_mask, D, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     """Loads [BLOCK_N, BLOCK_D] rows of h and returns (h, h / max(||h||, eps), 1 / max(||h||, eps),
-    ||h|| > eps) in the acc dtype (SPEC 1.2, as F.normalize)."""
+    ||h|| > eps) in the acc dtype (docs/math.md §1.2, as F.normalize)."""
     offs_d = tl.arange(0, BLOCK_D)
     h = tl.load(H_ptr + rows[:, None] * H_row_stride + offs_d[None, :],
                 mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(ACC)
@@ -215,7 +215,7 @@ def _fcmi_emb_fwd_kernel(
     ATOMIC: tl.constexpr,
 ):
     """As _fcmi_fwd_kernel with x_ik = cos(h_i, u_k) / tau computed by tl.dot in registers
-    (SPEC 1.2 + 3); the N x K logits never reach memory."""
+    (docs/math.md §1.2 + 3); the N x K logits never reach memory."""
     pid = tl.program_id(0)
     inv_tau = tl.load(PARAM_ptr).to(ACC)
     if ATOMIC:  # one table shared by all programs
@@ -314,8 +314,8 @@ def _fcmi_emb_bwd_kernel(
     SINGLE_K_TILE: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    """Recomputes x = cos(h, u)/tau, then dL/dx_ik = c_ik (G_ik - sum_k' c G) (SPEC 3) and
-    chains it through x = h_unit u_unit^T / tau and the row normalisation of h (SPEC 1.2)."""
+    """Recomputes x = cos(h, u)/tau, then dL/dx_ik = c_ik (G_ik - sum_k' c G) (docs/math.md §3) and
+    chains it through x = h_unit u_unit^T / tau and the row normalisation of h (docs/math.md §1.2)."""
     pid = tl.program_id(0)
     logc_coef = tl.load(COEF_ptr).to(ACC)
     inv_tau = tl.load(PARAM_ptr).to(ACC)

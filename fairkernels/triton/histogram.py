@@ -1,4 +1,4 @@
-"""Triton kernels of the group x cluster joint histogram (SPEC 2.1).
+"""Triton kernels of the group x cluster joint histogram (docs/math.md §2.1).
 
 Forward: each program reduces its row tiles per group with a one-hot matmul before touching
 memory (_common.add_joint_tile), so the table sees one update per (group, cluster) per tile,
@@ -32,7 +32,7 @@ def _histogram_fwd_kernel(
     BLOCK_T: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
-    """J_tk = sum_{i: g_i = t} w_i P_ik  (SPEC 2.1)."""
+    """J_tk = sum_{i: g_i = t} w_i P_ik  (docs/math.md §2.1)."""
     pid = tl.program_id(0)
     if ATOMIC:  # one table shared by all programs
         JOINT_slot = JOINT_ptr
@@ -67,7 +67,7 @@ def _histogram_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dL/dP_ik = w_i dL/dJ_{g_i k}  (SPEC 2.1)."""
+    """dL/dP_ik = w_i dL/dJ_{g_i k}  (docs/math.md §2.1)."""
     pid = tl.program_id(0)
     for tile in range(pid, num_row_tiles, tl.num_programs(0)):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)

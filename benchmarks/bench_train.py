@@ -1,0 +1,216 @@
+"""Speed of the main job: points/s and seconds per epoch of the FCMI and DFC trainers, with a
+breakdown of where an epoch goes.
+
+    python benchmarks/bench_train.py                          # N = 1e4, 1e5, 1e6; widths 1.0 and 0.25
+    python benchmarks/bench_train.py --n 10000 --widths 0.5 --methods fcmi
+    python benchmarks/bench_train.py --quick                  # smoke test (used by the tests)
+
+Data: fairkernels.data.make_synthetic (64 features, 10 planted clusters, 2 groups, bias 0.5).
+One timed epoch per configuration, after one untimed epoch of the same phase (so lazy
+initialisation and the first k-means are not counted):
+  FCMI  warmup_epochs=0: an epoch of L_rec + alpha L_clu + beta L_fair, then the whole-set
+        encoding, the k-means refresh (warm-started from the last centres) and the metrics.
+  DFC   pretrain/finetune epochs 0: an epoch of KL(P||Q) + gamma KL(Psi||Phi).
+Breakdown columns (seconds of the timed epoch):
+  train      the mini-batch loop as the trainer runs it (data, model, loss, optimiser)
+  model      the model's own forward + backward of the same number of batches, timed alone
+             (reconstruction loss only, same batch size and model)
+  loss       the method's fused loss (forward + backward) on the same number of batches, alone
+  optimizer  Adam/SGD steps of the same number of batches, alone
+  encode     whole-set encoding under no_grad;  kmeans  the centre refresh;  metrics
+  overhead   train - (model + loss + optimizer): data loading and Python around the step
+  outside_model  (epoch - model) / epoch: the share of the epoch that is not the model's work
+An epoch longer than --max-epoch-seconds (estimated from timed batches) is not run; its row says
+"estimated" and extrapolates the measured per-batch cost.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from benchmarks.harness import cpu_model, git_commit  # noqa: E402
+import fairkernels as fk  # noqa: E402
+from fairkernels import data  # noqa: E402
+from fairkernels.train import FCMIConfig, make_trainer  # noqa: E402
+
+COLUMNS = ["date", "commit", "device", "threads", "method", "n", "width", "batch_size", "params", "status",
+           "epoch_s", "points_per_s", "train", "model", "loss", "optimizer", "overhead", "encode", "kmeans",
+           "metrics", "outside_model"]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def trainer_for(method: str, width: float, batch_size: int, device: str, epochs: int):
+    common = dict(n_clusters=10, width=width, batch_size=batch_size, device=device, progress=False, verbose=False,
+                  epochs=epochs, seed=0)
+    if method == "fcmi":
+        return make_trainer("fcmi", warmup_epochs=0, **common)
+    return make_trainer("dfc", pretrain_epochs=0, finetune_epochs=0, **common)
+
+
+def _loss_step(trainer, h, g, batches: int):
+    """The method's fused loss, forward + backward, on fixed embeddings h (no model work)."""
+    cfg = trainer.config
+    if isinstance(cfg, FCMIConfig):
+        centers = trainer.state["centers"]
+
+        def step():
+            for _ in range(batches):
+                l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, centers, g, trainer.num_groups, cfg.tau,
+                                                              backend=cfg.backend, check_inputs=False)
+                (cfg.alpha * l_clu + cfg.beta * l_fair).backward()
+        return step
+    mu = trainer.mu.detach().clone().requires_grad_(True)
+    target = trainer.state["target"][:h.shape[0]]
+
+    def step():
+        for _ in range(batches):
+            q = fk.student_t_assign(h, mu, cfg.alpha, backend=cfg.backend)
+            loss = fk.dfc_loss(q, h, g, trainer.num_groups, cfg.effective_gamma, cfg.alpha, cfg.beta,
+                               target=target, backend=cfg.backend, check_inputs=False)[0]
+            loss.backward()
+    return step
+
+
+def isolated_parts(trainer, X, groups, batch_size: int, batches: int) -> dict:
+    """model / loss / optimizer seconds for `batches` batches, each timed on its own."""
+    device = trainer.device
+    model = trainer.model
+    model.train()
+    x = X[:batch_size].to(device)
+    g = groups[:batch_size].to(device)
+    fcmi = isinstance(trainer.config, FCMIConfig)
+    optimizer = trainer.make_optimizer("fcmi" if fcmi else "cluster")
+
+    def model_step():
+        for _ in range(batches):
+            if fcmi:                       # FCMI trains the whole autoencoder
+                h, x_hat = model(x, g)
+                F.mse_loss(x_hat, x).backward()
+            else:                          # DFC's clustering phase trains the encoder only
+                model.encode(x).square().mean().backward()
+
+    with torch.no_grad():
+        h = model.encode(x)
+    loss_step = _loss_step(trainer, h.detach().requires_grad_(True), g, batches)
+
+    def optimizer_step():
+        for _ in range(batches):
+            optimizer.step()
+
+    model_step()                         # one untimed run of each part
+    loss_step()
+    optimizer_step()
+    parts = {"model": _timed(model_step, device), "loss": _timed(loss_step, device),
+             "optimizer": _timed(optimizer_step, device)}
+    model.zero_grad(set_to_none=True)
+    return parts
+
+
+def bench(method: str, n: int, width: float, batch_size: int, device: str, max_epoch_seconds: float) -> dict:
+    dataset = data.make_synthetic(n=n, dim=64, n_clusters=10, n_groups=2, bias=0.5, seed=0)
+    X, groups = torch.from_numpy(dataset.X), torch.from_numpy(dataset.groups)
+    batches = n // batch_size + (n % batch_size > 0)
+    # A short fit on a slice builds the model and its state (centres, targets) untimed.
+    probe = trainer_for(method, width, batch_size, device, epochs=1).fit(X[:max(batch_size * 4, 2000)],
+                                                                          groups[:max(batch_size * 4, 2000)])
+    probe_batches = min(batches, 20)
+    parts = isolated_parts(probe, X, groups, batch_size, probe_batches)
+    per_batch = sum(parts.values()) / probe_batches
+    params = sum(p.numel() for p in probe.model.parameters())
+    row = {"method": method, "n": n, "width": width, "batch_size": batch_size, "params": params}
+    if per_batch * batches > max_epoch_seconds:
+        scale = batches / probe_batches
+        row.update(status="estimated", epoch_s=per_batch * batches,
+                   **{key: value * scale for key, value in parts.items()})
+        row["points_per_s"] = n / row["epoch_s"]
+        return row
+    trainer = trainer_for(method, width, batch_size, device, epochs=2)
+    trainer.profile = True
+    trainer.fit(X, groups)
+    first, timed = trainer.history[-2], trainer.history[-1]
+    # The timings of the second (timed) epoch: its cumulative totals minus the first epoch's.
+    seconds = {key: value - first["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
+    epoch_s = timed["seconds"]
+    scale = batches / probe_batches
+    scaled = {key: value * scale for key, value in parts.items()}
+    row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, train=seconds.get("train", 0.0),
+               encode=seconds.get("encode", 0.0), kmeans=seconds.get("kmeans", 0.0),
+               metrics=seconds.get("metrics", 0.0), **scaled)
+    row["overhead"] = max(0.0, row["train"] - sum(scaled.values()))
+    row["outside_model"] = (epoch_s - scaled["model"]) / epoch_s
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["fcmi", "dfc"], choices=["fcmi", "dfc"])
+    parser.add_argument("--n", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.25])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: each method's default")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-epoch-seconds", type=float, default=120.0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no CSV unless --out is given")
+    parser.add_argument("--out", default=None, help="CSV to append to (default results/train.csv)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.widths = [3000], [0.1]
+    out = args.out or (None if args.quick else os.path.join(REPO_ROOT, "benchmarks", "results", "train.csv"))
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    rows = []
+    header = (f"{'method':6s} {'n':>8s} {'width':>5s} {'status':9s} {'epoch_s':>8s} {'pts/s':>9s} {'model':>7s} "
+              f"{'loss':>6s} {'optim':>6s} {'overh':>6s} {'encode':>6s} {'kmeans':>6s} {'metric':>6s} {'out%':>5s}")
+    print(f"device: {device_name}, threads: {torch.get_num_threads()}")
+    print(header)
+    for method in args.methods:
+        batch_size = args.batch_size or (512 if method == "fcmi" else 256)
+        for width in args.widths:
+            for n in args.n:
+                row = bench(method, n, width, batch_size, args.device, args.max_epoch_seconds)
+                row.update(date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name,
+                           threads=torch.get_num_threads())
+                rows.append(row)
+                cell = lambda key: f"{row[key]:.3f}" if isinstance(row.get(key), float) else "-"  # noqa: E731
+                share = f"{100 * row['outside_model']:.0f}%" if "outside_model" in row else "-"
+                print(f"{method:6s} {n:8d} {width:5.2f} {row['status']:9s} {row['epoch_s']:8.2f} "
+                      f"{row['points_per_s']:9.0f} {cell('model'):>7s} {cell('loss'):>6s} {cell('optimizer'):>6s} "
+                      f"{cell('overhead'):>6s} {cell('encode'):>6s} {cell('kmeans'):>6s} {cell('metrics'):>6s} "
+                      f"{share:>5s}", flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        new_file = not os.path.exists(out)
+        with open(out, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({key: (f"{row[key]:.4g}" if isinstance(row.get(key), float) else row.get(key, ""))
+                                 for key in COLUMNS})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
