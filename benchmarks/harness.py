@@ -9,7 +9,8 @@ for the forward and the forward+backward pass and appends one CSV row per measur
 benchmarks/results/<family>.csv (columns: CSV_COLUMNS; their meaning is in benchmarks/README.md).
 
 Timing: triton.testing.do_bench (median) on CUDA; on CPU the median of >= 5 wall-clock runs
-(time.perf_counter) after warm-up runs. Bandwidth is reported against the bandwidth of a large
+(time.perf_counter) after warm-up runs, or with --best-of R the fastest of R runs (for a
+shared machine, where the minimum is the least disturbed sample). Bandwidth is reported against the bandwidth of a large
 tensor copy timed the same way in the same run, so frac_copy_bw is comparable across machines.
 """
 from __future__ import annotations
@@ -129,19 +130,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int = MIN_REPS) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA, perf_counter over >= MIN_REPS runs on CPU."""
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = MIN_REPS, best_of: int = 0) -> float:
+    """Milliseconds of fn(): do_bench's median on CUDA; on CPU the median of >= MIN_REPS
+    perf_counter runs, or the minimum of best_of runs when best_of > 0."""
     if device.type == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, return_mode="median"))
     for _ in range(WARMUP_RUNS):
         fn()
     samples = []
-    for _ in range(max(reps, MIN_REPS)):
+    for _ in range(best_of if best_of > 0 else max(reps, MIN_REPS)):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return min(samples) if best_of > 0 else statistics.median(samples)
 
 
 def copy_bandwidth_gbps(device: torch.device, reps: int = MIN_REPS, quick: bool = False) -> float:
@@ -230,7 +232,7 @@ def run_cases(family: str, cases: list[Case], args) -> list[dict]:
             for backend, call in variants:
                 fn = make_pass(call, inputs, pass_name)
                 try:
-                    ms = time_ms(fn, device, args.reps)
+                    ms = time_ms(fn, device, args.reps, args.best_of)
                     peak = peak_memory_mb(fn, device)
                 except Exception as err:
                     if not _is_oom(err):
@@ -283,6 +285,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one tiny config (a smoke test, not a measurement)")
     p.add_argument("--n", type=int, default=None, help="override the number of rows N")
     p.add_argument("--reps", type=int, default=MIN_REPS, help=f"timed runs on CPU (at least {MIN_REPS})")
+    p.add_argument("--best-of", type=int, default=0,
+                   help="CPU: report the fastest of this many runs instead of the median (shared machines)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads before timing")
     p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where <family>.csv is appended")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="also time torch.compile(reference) (default: on for CUDA, off for CPU)")
@@ -295,6 +300,8 @@ def parse_args(p: argparse.ArgumentParser, argv=None):
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     args.dtype = DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args
 
 

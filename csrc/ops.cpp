@@ -11,6 +11,7 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("fcmi_emb_fwd(Tensor h, Tensor centers, Tensor groups, int num_groups, float tau, bool deterministic) -> (Tensor lse, Tensor joint, Tensor ent_sum)");
   m.def("fcmi_emb_bwd(Tensor h, Tensor centers, Tensor groups, Tensor lse, Tensor table, Tensor logc_coef, float tau, bool deterministic) -> (Tensor grad_h, Tensor grad_centers)");
   m.def("histogram_fwd(Tensor probs, Tensor groups, Tensor? weights, int num_groups, bool deterministic) -> Tensor");
+  m.def("histogram_fwd_checked(Tensor probs, Tensor groups, Tensor? weights, int num_groups, bool deterministic) -> (Tensor joint, Tensor flags)");
   m.def("histogram_bwd(Tensor grad_joint, Tensor groups, Tensor? weights) -> Tensor");
   m.def("student_t_fwd(Tensor z, Tensor centers, float alpha) -> Tensor");
   m.def("student_t_bwd(Tensor grad_q, Tensor q, Tensor z, Tensor centers, float alpha) -> (Tensor, Tensor)");
@@ -25,6 +26,7 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("fcmi_emb_fwd", &fairkernels::cpu::fcmi_emb_fwd);
   m.impl("fcmi_emb_bwd", &fairkernels::cpu::fcmi_emb_bwd);
   m.impl("histogram_fwd", &fairkernels::cpu::histogram_fwd);
+  m.impl("histogram_fwd_checked", &fairkernels::cpu::histogram_fwd_checked);
   m.impl("histogram_bwd", &fairkernels::cpu::histogram_bwd);
   m.impl("student_t_fwd", &fairkernels::cpu::student_t_fwd);
   m.impl("student_t_bwd", &fairkernels::cpu::student_t_bwd);

@@ -1,8 +1,12 @@
 """Input validation shared by every public op (docs/math.md §7).
 
 Each check raises ValueError or TypeError with a message that names the offending argument.
-Checks that read tensor values (finiteness, group range) force a device sync; they run only
-when `check_inputs=True` and never while torch.compile is tracing.
+Checks that read tensor values (finiteness, group range, signs) run only when
+`check_inputs=True` and never while torch.compile is tracing. On the cpu backend they cost no
+pass of their own: the C++ kernels find bad values in the pass they make anyway (group ids out
+of range raise from the kernel with the messages below; non-finite logits, embeddings or
+probabilities are flagged by the kernel's outputs and only then located by these functions).
+Elsewhere (reference, triton, cuda) they are separate passes, and on a GPU each one syncs.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import numbers
 
 import torch
 
+# Backends whose kernels do the value checks inside their first pass (see the module docstring).
+FUSED_CHECK_BACKENDS = frozenset({"cpu"})
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -48,6 +54,16 @@ def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
 def check_finite(x: torch.Tensor, name: str) -> None:
     if not tracing() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_nonnegative(x: torch.Tensor, name: str) -> None:
+    if not tracing() and bool((x < 0).any()):
+        raise ValueError(f"{name} must be non-negative, found {float(x.min())}")
+
+
+def fused_checks(backend: str, check_inputs: bool) -> bool:
+    """True when the resolved backend's kernels check the values themselves (no extra pass)."""
+    return check_inputs and backend in FUSED_CHECK_BACKENDS and not tracing()
 
 
 def check_positive(value, name: str) -> float:
@@ -88,20 +104,31 @@ def check_groups(groups, num_rows: int, ref: torch.Tensor, num_groups, check_val
         if num_groups is None:
             raise ValueError("num_groups must be given under torch.compile (inferring it syncs)")
         return num_groups
-    if num_groups is None or check_values:
-        if num_rows == 0:
-            raise ValueError(f"{name} is empty")
-        lo, hi = (int(v) for v in torch.aminmax(groups))
-        if lo < 0:
-            raise ValueError(f"{name} must be >= 0, found {lo}")
-        if num_groups is None:
-            num_groups = hi + 1
-        elif hi >= num_groups:
-            raise ValueError(f"{name} must be < num_groups={num_groups}, found {hi}")
+    if num_groups is None:
+        return check_group_values(groups, None, name)
+    if check_values:
+        check_group_values(groups, num_groups, name)
     return num_groups
 
 
-def check_weights(weights, num_rows: int, ref: torch.Tensor, check_values: bool) -> None:
+def check_group_values(groups: torch.Tensor, num_groups, name: str = "groups") -> int:
+    """Values of groups in [0, num_groups) (num_groups=None: inferred as max + 1); returns T.
+    One aminmax pass and one device sync."""
+    if tracing():
+        return num_groups
+    if groups.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    lo, hi = torch.stack(torch.aminmax(groups)).tolist()   # one sync for both
+    if lo < 0:
+        raise ValueError(f"{name} must be >= 0, found {lo}")
+    if num_groups is None:
+        return hi + 1
+    if hi >= num_groups:
+        raise ValueError(f"{name} must be < num_groups={num_groups}, found {hi}")
+    return num_groups
+
+
+def check_weights(weights, num_rows: int, ref: torch.Tensor, check_values: bool = False) -> None:
     if weights is None:
         return
     check_tensor(weights, "weights", 1)

@@ -3,6 +3,11 @@
 They give torch.compile / torch.export the output shapes and dtypes without running a kernel, so
 a compiled function that calls the cpu/cuda backends traces as one opaque op per kernel
 (fullgraph=True works). Imported by fairkernels._extension once the operators are registered.
+
+Every output of the C++ kernels is a fresh contiguous tensor (inputs are made contiguous first),
+so the fakes build contiguous outputs with new_empty; empty_like(input) would copy the strides
+of a dense non-contiguous input (e.g. a transposed one) and disagree with the real op
+(torch.library.opcheck checks this; tests/test_compile.py runs it on every op).
 """
 from __future__ import annotations
 
@@ -23,9 +28,14 @@ def _fcmi_fwd(logits, groups, num_groups, deterministic):
             logits.new_empty((), dtype=acc))
 
 
+def _like(x):
+    """A contiguous tensor of x's shape, dtype and device."""
+    return x.new_empty(x.shape)
+
+
 @_register("fcmi_bwd")
 def _fcmi_bwd(logits, groups, lse, table, logc_coef, deterministic):
-    return torch.empty_like(logits)
+    return _like(logits)
 
 
 @_register("fcmi_emb_fwd")
@@ -37,12 +47,17 @@ def _fcmi_emb_fwd(h, centers, groups, num_groups, tau, deterministic):
 
 @_register("fcmi_emb_bwd")
 def _fcmi_emb_bwd(h, centers, groups, lse, table, logc_coef, tau, deterministic):
-    return torch.empty_like(h), torch.empty_like(centers)
+    return _like(h), _like(centers)
 
 
 @_register("histogram_fwd")
 def _histogram_fwd(probs, groups, weights, num_groups, deterministic):
     return probs.new_empty((num_groups, probs.shape[1]), dtype=_acc_dtype(probs.dtype))
+
+
+@_register("histogram_fwd_checked")
+def _histogram_fwd_checked(probs, groups, weights, num_groups, deterministic):
+    return _histogram_fwd(probs, groups, weights, num_groups, deterministic), probs.new_empty((3,), dtype=torch.long)
 
 
 @_register("histogram_bwd")
@@ -57,7 +72,7 @@ def _student_t_fwd(z, centers, alpha):
 
 @_register("student_t_bwd")
 def _student_t_bwd(grad_q, q, z, centers, alpha):
-    return torch.empty_like(z), torch.empty_like(centers)
+    return _like(z), _like(centers)
 
 
 @_register("cosine_fwd")
@@ -67,7 +82,7 @@ def _cosine_fwd(h, centers, tau):
 
 @_register("cosine_bwd")
 def _cosine_bwd(grad_c, c, h, centers, tau):
-    return torch.empty_like(h), torch.empty_like(centers)
+    return _like(h), _like(centers)
 
 
 @_register("kmeans_assign")

@@ -28,7 +28,16 @@ def _xlogy_safe(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- 1. assignments
 def squared_distances(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """d_ik = ||z_i||^2 + ||mu_k||^2 - 2 z_i.mu_k, clamped at >= 0 (docs/math.md §1.1)."""
+    """d_ik = ||z_i - mu_k||^2 (docs/math.md §1.1) by the expansion ||z'||^2 + ||mu'||^2 - 2 z'.mu',
+    clamped at >= 0, on z' = z - m and mu' = mu - m with m the mean of the centres.
+
+    The shift leaves every distance unchanged but makes the expansion cancel terms of the size
+    of the data's spread around the centres instead of the embeddings' norm: in float32 the
+    plain expansion loses ~1e-2 relative accuracy at norm 300, the centred one stays ~1e-6 up
+    to norm 10^3 (tests/test_assign.py), while keeping the matrix product (BLAS / tensor
+    cores) for the N x K dot products."""
+    shift = centers.mean(0, keepdim=True)
+    z, centers = z - shift, centers - shift
     z_sq = (z * z).sum(1, keepdim=True)
     mu_sq = (centers * centers).sum(1)
     return (z_sq + mu_sq - 2.0 * z @ centers.t()).clamp_min(0.0)

@@ -137,3 +137,29 @@ def test_cpu_soft_assignment_rejects_zero_centers(op, arg):
     """The softmax epilogue reads the first logit of every row: K = 0 must be refused, not read."""
     with pytest.raises(RuntimeError, match="at least one row"):
         getattr(torch.ops.fairkernels, op)(torch.randn(5, 3), torch.randn(0, 3), arg)
+
+
+def _offset_inputs(norm, n=2000, k=10, d=32, seed=0):
+    """Embeddings far from the origin (norm ~ `norm`), centres among them: the regime where the
+    plain expansion |z|^2 + |mu|^2 - 2 z.mu cancels (issue 11: 6.5e-3 error at norm 300)."""
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=gen, dtype=torch.float64)
+    centers = norm * direction / direction.norm() + torch.randn(k, d, generator=gen, dtype=torch.float64)
+    z = centers[torch.randint(0, k, (n,), generator=gen)] + 0.5 * torch.randn(n, d, generator=gen,
+                                                                             dtype=torch.float64)
+    return z.float(), centers.float()
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu")
+                                     if b in available_backends("student_t", dtype=torch.float32)])
+@pytest.mark.parametrize("norm", [30, 300, 1000])
+def test_student_t_float32_accurate_at_large_norms(backend, norm):
+    """float32 q and both gradients within 1e-5 (relative to the largest entry) of float64 on the
+    same float32 inputs, at embedding norms up to 10^3 (centred distances, reference.py)."""
+    z, centers = _offset_inputs(norm)
+    got = _out_and_grads(lambda a, b: fairkernels.student_t_assign(a, b, 1.0, backend=backend), z, centers)
+    want = _out_and_grads(lambda a, b: reference.student_t_assign(a, b, 1.0), z.double(), centers.double())
+    for name, a, b in zip(("q", "grad_z", "grad_centers"), got, want):
+        assert a.dtype == torch.float32
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err <= 1e-5, (name, err)

@@ -49,3 +49,58 @@ def test_fallback_without_extension_warns_and_uses_reference():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+OPENMP_SCRIPT = textwrap.dedent("""
+    import os, re, sys, threading, torch
+    import fairkernels as fk
+
+    def runtimes():
+        with open("/proc/self/maps") as maps:
+            return {line.split()[-1] for line in maps if re.search(r"lib(g|i)?omp[^/]*[.]so", line)}
+
+    def os_threads():
+        return len(os.listdir("/proc/self/task"))
+
+    def fused_calls():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(200_000, 10, generator=gen).requires_grad_()
+        g = torch.randint(0, 3, (200_000,), generator=gen)
+        fk.fcmi_loss(x, g, 3, backend="cpu").backward()
+        h = torch.randn(50_000, 8, generator=gen).requires_grad_()
+        c = torch.randn(10, 8, generator=gen)
+        fk.fcmi_loss_from_embeddings(h, c, g[:50_000], 3, backend="cpu").backward()
+        fk.joint_histogram(torch.softmax(x.detach(), 1), g, 3, backend="cpu")
+        fk.student_t_assign(h, c, backend="cpu").sum().backward()
+        fk.cosine_assign(h, c, backend="cpu").sum().backward()
+
+    torch.set_num_threads(1)
+    before = runtimes()            # torch's and those of fairkernels' own imports (scikit-learn)
+    torch_gomp = {p for p in before if "/torch/lib/" in p}
+    threads_before = os_threads()
+    fused_calls()                  # loads the extension; runs in the main thread
+    worker = threading.Thread(target=fused_calls)
+    worker.start(); worker.join()  # a fresh thread: its OpenMP ICVs are not torch's
+    after = runtimes()
+    print("runtimes", sorted(before), sorted(after))
+    print("threads", threads_before, os_threads())
+    assert fk._extension.load()
+    assert len(torch_gomp) == 1, before
+    assert after == before, f"the extension mapped another OpenMP runtime: {sorted(after - before)}"
+    assert os_threads() <= threads_before, "a kernel started threads beyond torch.set_num_threads(1)"
+    print("openmp ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the extension is not built here")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not os.path.exists("/proc/self/maps"),
+                    reason="needs Linux and >= 2 cores")
+def test_kernels_share_torchs_openmp_runtime_and_thread_count():
+    """The C++ kernels run on torch's own OpenMP runtime (no second libgomp/libomp/libiomp is
+    mapped when the extension loads) and honour torch.set_num_threads, also when called from a
+    thread that torch did not create (where a raw `omp parallel` would start a full team)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(os.cpu_count()))
+    result = subprocess.run([sys.executable, "-c", OPENMP_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "openmp ok" in result.stdout

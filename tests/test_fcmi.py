@@ -181,9 +181,17 @@ def test_explicit_backends():
 
 @pytest.mark.skipif("cpu" not in fused_backends("fcmi"), reason="needs the C++ kernels")
 def test_cpu_kernel_rejects_out_of_range_groups():
+    """The kernels check the group range in their own pass (ValueError, _checks.py's wording)."""
     logits, _ = _inputs(10, 3, 2)
-    with pytest.raises(RuntimeError, match="groups must lie in"):
-        torch.ops.fairkernels.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
+    ops = torch.ops.fairkernels
+    with pytest.raises(ValueError, match="groups must be < num_groups=2, found 5"):
+        ops.fcmi_fwd(logits, torch.full((10,), 5), 2, False)
+    bad = torch.tensor([0, 1, -3, 1, 0, 7, 0, 1, 0, -1])
+    with pytest.raises(ValueError, match="groups must be >= 0, found -3"):
+        ops.fcmi_fwd(logits, bad, 2, False)
+    table = torch.zeros(2, 3, dtype=logits.dtype)
+    with pytest.raises(ValueError, match="groups must be >= 0, found -3"):
+        ops.fcmi_bwd(logits, bad, logits[:, 0], table, torch.tensor(0.1, dtype=logits.dtype), False)
 
 
 def _embedding_inputs(n, k, t, d, dtype, seed, index_dtype=torch.int64):
@@ -268,9 +276,52 @@ def test_cpu_fused_embeddings_bitwise_identical_across_thread_counts():
 def test_cpu_fused_embedding_kernels_reject_bad_arguments():
     h, centers, groups = _embedding_inputs(10, 3, 2, 4, torch.float64, seed=1)
     ops = torch.ops.fairkernels
-    with pytest.raises(RuntimeError, match="groups must lie in"):
+    with pytest.raises(ValueError, match="groups must be < num_groups=2, found 5"):
         ops.fcmi_emb_fwd(h, centers, torch.full((10,), 5), 2, 0.1, False)
     with pytest.raises(RuntimeError, match="columns but h has"):
         ops.fcmi_emb_fwd(h, centers[:, :3], groups, 2, 0.1, False)
     with pytest.raises(RuntimeError, match="tau must be > 0"):
         ops.fcmi_emb_fwd(h, centers, groups, 2, 0.0, False)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi"), reason="needs the C++ kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row,col", [(0, 0), (2500, 3), (4999, 9)])
+def test_cpu_fused_check_finds_every_non_finite_logit(dtype, value, row, col):
+    """The cpu kernels' in-pass check (ent_sum turns NaN) catches a single bad value anywhere
+    (first / middle / last chunk and column); check_inputs=False lets it through."""
+    logits, groups = _inputs(5000, 10, 3, dtype=dtype, seed=9)
+    logits[row, col] = value
+    with pytest.raises(ValueError, match="logits contains NaN or inf"):
+        fairkernels.fcmi_loss(logits, groups, 3, backend="cpu")
+    fairkernels.fcmi_loss(logits, groups, 3, backend="cpu", check_inputs=False)
+    h, centers, groups = _embedding_inputs(3000, 4, 3, 5, dtype, seed=2)
+    bad_h = h.clone()
+    bad_h[min(row, 2999), col % 5] = value
+    with pytest.raises(ValueError, match="h contains NaN or inf"):
+        fairkernels.fcmi_loss_from_embeddings(bad_h, centers, groups, 3, backend="cpu")
+    centers[col % 4, row % 5] = value
+    with pytest.raises(ValueError, match="centers contains NaN or inf"):
+        fairkernels.fcmi_loss_from_embeddings(h, centers, groups, 3, backend="cpu")
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("fcmi"), reason="needs the C++ kernels")
+def test_cpu_default_checks_add_no_pass(monkeypatch):
+    """With check_inputs=True (the default) and valid inputs, the cpu path never runs the
+    separate value scans of _checks.py: the kernels did the checks; and the op builds no
+    tensor from a Python number on the device (torch.tensor) per call."""
+    from fairkernels import _checks
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a separate value-check pass ran")
+
+    logits, groups = _inputs(300, 6, 3, dtype=torch.float32)
+    h, centers, _ = _embedding_inputs(300, 6, 3, 4, torch.float32, seed=3)
+    monkeypatch.setattr(_checks, "check_finite", forbidden)
+    monkeypatch.setattr(_checks, "check_group_values", forbidden)
+    monkeypatch.setattr(fcmi_ops.torch, "tensor", forbidden)
+    fairkernels.fcmi_loss(logits.requires_grad_(), groups, 3).backward()
+    fairkernels.fcmi_loss_from_embeddings(h.requires_grad_(), centers, groups, 3).backward()
+    fairkernels.joint_histogram(torch.softmax(logits.detach(), 1), groups, 3)
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(h.grad).all()

@@ -88,3 +88,56 @@ def test_mutual_information_values_and_gradient():
 def test_mutual_information_independent_table_is_zero():
     joint = torch.outer(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.25, 0.25], dtype=torch.float32))
     assert abs(fairkernels.mutual_information(joint).item()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", available_backends("histogram"))
+def test_joint_histogram_rejects_negative_and_non_finite_values(backend):
+    """check_inputs=True: negative or non-finite probs and non-finite weights raise, naming the
+    argument (the cpu kernel finds them in the pass that builds the table); check_inputs=False
+    accepts a negative entry and sums it."""
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.rand(3000, 5, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 3, (3000,), generator=gen)
+    weights = torch.rand(3000, generator=gen, dtype=torch.float64)
+    for row, col in ((0, 0), (2999, 4)):
+        bad = probs.clone()
+        bad[row, col] = -0.25
+        with pytest.raises(ValueError, match="probs must be non-negative, found -0.25"):
+            fairkernels.joint_histogram(bad, groups, 3, backend=backend)
+        got = fairkernels.joint_histogram(bad, groups, 3, backend=backend, check_inputs=False)
+        torch.testing.assert_close(got, reference.joint_histogram(bad, groups, 3), rtol=1e-12, atol=1e-12)
+        for value in (float("nan"), float("inf")):
+            bad[row, col] = value
+            with pytest.raises(ValueError, match="probs contains NaN or inf"):
+                fairkernels.joint_histogram(bad, groups, 3, backend=backend)
+            bad_w = weights.clone()
+            bad_w[row] = value
+            with pytest.raises(ValueError, match="weights contains NaN or inf"):
+                fairkernels.joint_histogram(probs, groups, 3, weights=bad_w, backend=backend)
+    fairkernels.joint_histogram(probs, groups, 3, weights=weights, backend=backend)
+
+
+@pytest.mark.skipif("cpu" not in fused_backends("histogram"), reason="needs the C++ kernels")
+def test_histogram_fwd_checked_flags_match_reference_and_table():
+    """The fused check's flags equal the reference body's (torch_kernels) and the table is the
+    unchecked kernel's, bit for bit."""
+    from fairkernels.ops import torch_kernels
+
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.rand(5000, 7, generator=gen)
+    groups = torch.randint(0, 4, (5000,), generator=gen, dtype=torch.int32)
+    weights = torch.rand(5000, generator=gen)
+    cases = [(probs, weights), (probs, None)]
+    for index, value in ((123, -1.0), (4000, float("nan")), (4999 * 7 + 6, float("-inf"))):
+        bad = probs.clone().reshape(-1)
+        bad[index] = value
+        cases.append((bad.reshape(5000, 7), weights))
+    bad_w = weights.clone()
+    bad_w[77] = float("inf")
+    cases.append((probs, bad_w))
+    for p, w in cases:
+        joint, flags = torch.ops.fairkernels.histogram_fwd_checked(p, groups, w, 4, False)
+        _, want_flags = torch_kernels.histogram_fwd_checked(p, groups, w, 4, False)
+        assert torch.equal(flags, want_flags), (flags, want_flags)
+        torch.testing.assert_close(joint, torch.ops.fairkernels.histogram_fwd(p, groups, w, 4, False),
+                                   rtol=0, atol=0, equal_nan=True)

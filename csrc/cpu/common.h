@@ -1,8 +1,16 @@
 // Shared helpers of the CPU kernels: argument checks, the fixed row-chunk plan that makes the
-// reductions deterministic, and a vectorisable float exp.
+// reductions deterministic, the parallel loops (torch's own thread pool), and a vectorisable
+// float exp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+// The per-operator headers of the few ATen functions the kernels call (not <ATen/ATen.h>, which
+// declares every operator and dominates the build time).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cmath>
@@ -88,13 +96,56 @@ inline void check_groups(const at::Tensor& groups, int64_t rows) {
               "groups must be int32 or int64, got ", groups.scalar_type());
 }
 
-// Runs body(chunk) for every chunk of the plan in parallel; chunks are independent.
+// Group ids outside [0, num_groups) seen by one chunk of rows. The kernels skip such rows and
+// raise once after the parallel loop, so the range check costs no pass of its own.
+struct GroupErrors {
+  int64_t lowest = 0;    // the smallest negative id seen (0: none)
+  int64_t highest = -1;  // the largest id >= num_groups seen (-1: none)
+  // True (and recorded) when g is out of range.
+  bool out_of_range(int64_t g, int64_t num_groups) {
+    if (g >= 0 && g < num_groups) return false;
+    if (g < 0) lowest = std::min(lowest, g);
+    else highest = std::max(highest, g);
+    return true;
+  }
+};
+
+// Raises ValueError with the messages of fairkernels/_checks.py (check_group_values), so a user
+// sees the same error whichever layer caught it.
+inline void raise_group_errors(const std::vector<GroupErrors>& errors, int64_t num_groups) {
+  int64_t lowest = 0, highest = -1;
+  for (const GroupErrors& e : errors) {
+    lowest = std::min(lowest, e.lowest);
+    highest = std::max(highest, e.highest);
+  }
+  TORCH_CHECK_VALUE(lowest >= 0, "groups must be >= 0, found ", lowest);
+  TORCH_CHECK_VALUE(highest < 0, "groups must be < num_groups=", num_groups, ", found ", highest);
+}
+
+// x * 0 is 0 for finite x and NaN for +-inf or NaN (the compiler may not fold it: no
+// -ffinite-math-only), so a sum of these probes is a one-instruction finiteness check that
+// rides along a loop that reads x anyway.
+template <typename scalar_t>
+inline scalar_t finite_probe(scalar_t x) {
+  return x * scalar_t(0);
+}
+
+// Runs body(chunk) for every chunk of the plan on torch's intra-op thread pool (at::parallel_for:
+// the same OpenMP runtime and the thread count of torch.set_num_threads, in any calling
+// thread). Chunks are independent, so which thread runs which chunk never changes a result.
 template <typename Body>
 inline void parallel_chunks(const ChunkPlan& plan, const Body& body) {
-#pragma omp parallel for schedule(static)
-  for (int64_t chunk = 0; chunk < plan.num_chunks; ++chunk) {
-    body(chunk);
-  }
+  at::parallel_for(0, plan.num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) body(chunk);
+  });
+}
+
+// Runs body(begin, end) over row ranges on torch's thread pool; work_per_row (elements touched
+// per row) sets the grain so that small problems stay on one thread. Rows are independent.
+template <typename Body>
+inline void parallel_rows(int64_t rows, int64_t work_per_row, const Body& body) {
+  constexpr int64_t kGrainElems = 32768;  // at::internal::GRAIN_SIZE
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(work_per_row, 1)), body);
 }
 
 // Sums per-chunk buffers (num_chunks x elems, row-major) in chunk order into out.

@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits
   const ChunkPlan plan = plan_chunks(rows, table_elems);
   std::vector<double> joint_partial(plan.num_chunks * table_elems, 0.0);
   std::vector<double> ent_partial(plan.num_chunks, 0.0);
-  std::vector<char> bad(plan.num_chunks, 0);
+  std::vector<GroupErrors> group_errors(plan.num_chunks);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "fcmi_fwd", [&] {
     AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_fwd_groups", [&] {
       const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -31,18 +31,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits
       scalar_t* lse_ptr = lse.mutable_data_ptr<scalar_t>();
       parallel_chunks(plan, [&](int64_t chunk) {
         std::vector<scalar_t> row_exp(num_clusters);
-        bool bad_group = false;
         fcmi_fwd_rows<scalar_t, index_t>(x, g, plan.begin(chunk), plan.end(chunk, rows), num_clusters, num_groups,
                                          lse_ptr, joint_partial.data() + chunk * table_elems,
-                                         ent_partial.data() + chunk, row_exp.data(), &bad_group);
-        bad[chunk] = bad_group;
+                                         ent_partial.data() + chunk, row_exp.data(), &group_errors[chunk]);
       });
       reduce_chunks(joint_partial, plan.num_chunks, table_elems, joint.mutable_data_ptr<scalar_t>());
       reduce_chunks(ent_partial, plan.num_chunks, 1, ent_sum.mutable_data_ptr<scalar_t>());
     });
   });
-  TORCH_CHECK(std::none_of(bad.begin(), bad.end(), [](char b) { return b != 0; }),
-              "groups must lie in [0, num_groups=", num_groups, ")");
+  raise_group_errors(group_errors, num_groups);
   return {lse, joint, ent_sum};
 }
 
@@ -62,7 +59,7 @@ at::Tensor fcmi_bwd(const at::Tensor& logits_in, const at::Tensor& groups_in, co
   const int64_t num_groups = table.size(0);
   at::Tensor grad = at::empty_like(logits);
   const ChunkPlan plan = plan_chunks(rows, 0);
-  std::vector<char> bad(plan.num_chunks, 0);
+  std::vector<GroupErrors> group_errors(plan.num_chunks);
   AT_DISPATCH_FLOATING_TYPES(dtype, "fcmi_bwd", [&] {
     AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_bwd_groups", [&] {
       const scalar_t coef = logc_coef.item<double>();
@@ -70,16 +67,14 @@ at::Tensor fcmi_bwd(const at::Tensor& logits_in, const at::Tensor& groups_in, co
       const index_t* g = groups.const_data_ptr<index_t>();
       parallel_chunks(plan, [&](int64_t chunk) {
         std::vector<scalar_t> row_c(num_clusters), row_g(num_clusters);
-        bool bad_group = false;
         fcmi_bwd_rows<scalar_t, index_t>(x, g, lse.const_data_ptr<scalar_t>(), table.const_data_ptr<scalar_t>(),
                                          coef, plan.begin(chunk), plan.end(chunk, rows), num_clusters, num_groups,
-                                         grad.mutable_data_ptr<scalar_t>(), row_c.data(), row_g.data(), &bad_group);
-        bad[chunk] = bad_group;
+                                         grad.mutable_data_ptr<scalar_t>(), row_c.data(), row_g.data(),
+                                         &group_errors[chunk]);
       });
     });
   });
-  TORCH_CHECK(std::none_of(bad.begin(), bad.end(), [](char b) { return b != 0; }),
-              "groups must lie in [0, num_groups=", num_groups, ")");
+  raise_group_errors(group_errors, num_groups);
   return grad;
 }
 

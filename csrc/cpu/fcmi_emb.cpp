@@ -4,6 +4,10 @@
 // N x K tensor ever exists. Same results as the chunked Python path of fairkernels/ops/fcmi.py.
 #include "kernels.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+
 #include "common.h"
 #include "fcmi_rows.h"
 
@@ -92,10 +96,6 @@ void check_embeddings(const at::Tensor& h, const at::Tensor& centers, const at::
   check_groups(groups, h.size(0));
 }
 
-bool any_bad(const std::vector<char>& bad) {
-  return std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h_in, const at::Tensor& centers_in,
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h_
   const ChunkPlan plan = plan_chunks(rows, table_elems);
   std::vector<double> joint_partial(plan.num_chunks * table_elems, 0.0);
   std::vector<double> ent_partial(plan.num_chunks, 0.0);
-  std::vector<char> bad(plan.num_chunks, 0);
+  std::vector<GroupErrors> group_errors(plan.num_chunks);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "fcmi_emb_fwd", [&] {
     AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_emb_fwd_groups", [&] {
       const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
@@ -123,7 +123,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h_
       parallel_chunks(plan, [&](int64_t chunk) {
         std::vector<scalar_t> unit(kBlockRows * dims), norm(kBlockRows), logits(kBlockRows * num_clusters),
             row_exp(num_clusters);
-        bool bad_group = false;
         const int64_t stop = plan.end(chunk, rows);
         for (int64_t start = plan.begin(chunk); start < stop; start += kBlockRows) {
           const int64_t block = std::min(kBlockRows, stop - start);
@@ -131,15 +130,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h_
           logits_block(unit.data(), v_ptr, block, dims, num_clusters, logits.data());
           fcmi_fwd_rows<scalar_t, index_t>(logits.data(), g + start, 0, block, num_clusters, num_groups,
                                            lse_ptr + start, joint_partial.data() + chunk * table_elems,
-                                           ent_partial.data() + chunk, row_exp.data(), &bad_group);
+                                           ent_partial.data() + chunk, row_exp.data(), &group_errors[chunk]);
         }
-        bad[chunk] = bad_group;
       });
       reduce_chunks(joint_partial, plan.num_chunks, table_elems, joint.mutable_data_ptr<scalar_t>());
       reduce_chunks(ent_partial, plan.num_chunks, 1, ent_sum.mutable_data_ptr<scalar_t>());
     });
   });
-  TORCH_CHECK(!any_bad(bad), "groups must lie in [0, num_groups=", num_groups, ")");
+  raise_group_errors(group_errors, num_groups);
   return {lse, joint, ent_sum};
 }
 
@@ -164,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> fcmi_emb_bwd(const at::Tensor& h_in, const at
   const int64_t grad_elems = num_clusters * dims;
   const ChunkPlan plan = plan_chunks(rows, grad_elems);
   std::vector<double> grad_v_partial(plan.num_chunks * grad_elems, 0.0);
-  std::vector<char> bad(plan.num_chunks, 0);
+  std::vector<GroupErrors> group_errors(plan.num_chunks);
   at::Tensor grad_v = at::empty({num_clusters, dims}, h.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "fcmi_emb_bwd", [&] {
     AT_DISPATCH_INDEX_TYPES(groups.scalar_type(), "fcmi_emb_bwd_groups", [&] {
@@ -178,7 +176,6 @@ std::tuple<at::Tensor, at::Tensor> fcmi_emb_bwd(const at::Tensor& h_in, const at
             grad_logits(kBlockRows * num_clusters), row_c(num_clusters), row_g(num_clusters), grad_unit(dims),
             grad_v_block(grad_elems);
         double* grad_v_chunk = grad_v_partial.data() + chunk * grad_elems;
-        bool bad_group = false;
         const int64_t stop = plan.end(chunk, rows);
         for (int64_t start = plan.begin(chunk); start < stop; start += kBlockRows) {
           const int64_t block = std::min(kBlockRows, stop - start);
@@ -186,19 +183,18 @@ std::tuple<at::Tensor, at::Tensor> fcmi_emb_bwd(const at::Tensor& h_in, const at
           logits_block(unit.data(), v_t.const_data_ptr<scalar_t>(), block, dims, num_clusters, logits.data());
           fcmi_bwd_rows<scalar_t, index_t>(logits.data(), g + start, lse_ptr + start,
                                            table.const_data_ptr<scalar_t>(), coef, 0, block, num_clusters,
-                                           num_groups, grad_logits.data(), row_c.data(), row_g.data(), &bad_group);
+                                           num_groups, grad_logits.data(), row_c.data(), row_g.data(), &group_errors[chunk]);
           std::fill(grad_v_block.begin(), grad_v_block.end(), scalar_t(0));
           grad_block(unit.data(), norm.data(), grad_logits.data(), v.const_data_ptr<scalar_t>(), block, dims,
                      num_clusters, grad_unit.data(), grad_h_ptr + start * dims, grad_v_block.data());
           // Block sums (<= 64 rows) in scalar_t, chunk sums in double: accurate and cheap.
           for (int64_t e = 0; e < grad_elems; ++e) grad_v_chunk[e] += grad_v_block[e];
         }
-        bad[chunk] = bad_group;
       });
       reduce_chunks(grad_v_partial, plan.num_chunks, grad_elems, grad_v.mutable_data_ptr<scalar_t>());
     });
   });
-  TORCH_CHECK(!any_bad(bad), "groups must lie in [0, num_groups=", num_groups, ")");
+  raise_group_errors(group_errors, num_groups);
   // v = unit / tau, then through the center normalisation (torch_kernels.normalize_backward).
   const at::Tensor grad_unit = grad_v / tau;
   const at::Tensor norm = centers.norm(2, {1}, true);

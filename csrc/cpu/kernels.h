@@ -2,7 +2,7 @@
 // Interface and semantics: fairkernels/ops/torch_kernels.py (one Python body per kernel).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>
@@ -10,6 +10,9 @@
 namespace fairkernels::cpu {
 
 // SPEC 3 forward statistics: (lse[N], joint[T,K] = sum_{i in t} c_ik, ent_sum = sum c log c).
+// Fused input check: ent_sum is NaN whenever some logit is +-inf or NaN (and finite otherwise,
+// unless logits differ by more than the dtype's range), so the ops layer validates the values
+// by reading one scalar. Group ids outside [0, num_groups) raise ValueError.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_fwd(const at::Tensor& logits, const at::Tensor& groups,
                                                         int64_t num_groups, bool deterministic);
 // SPEC 3 backward: grad_ik = c_ik (G_ik - sum_k' c_ik' G_ik'), G_ik = table[g_i,k] - logc_coef log c_ik.
@@ -17,7 +20,8 @@ at::Tensor fcmi_bwd(const at::Tensor& logits, const at::Tensor& groups, const at
                     const at::Tensor& table, const at::Tensor& logc_coef, bool deterministic);
 
 // SPEC 1.2 + 3 fused: the statistics of fcmi_fwd for logits = cos(h, centers) / tau, and the
-// gradients of the loss (given table, logc_coef as in fcmi_bwd) w.r.t. h and centers.
+// gradients of the loss (given table, logc_coef as in fcmi_bwd) w.r.t. h and centers. As in
+// fcmi_fwd, ent_sum is NaN whenever h or centers hold +-inf or NaN.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fcmi_emb_fwd(const at::Tensor& h, const at::Tensor& centers,
                                                             const at::Tensor& groups, int64_t num_groups,
                                                             double tau, bool deterministic);
@@ -29,6 +33,11 @@ std::tuple<at::Tensor, at::Tensor> fcmi_emb_bwd(const at::Tensor& h, const at::T
 // SPEC 2.1: J_tk = sum_{g_i = t} w_i P_ik and its gather backward.
 at::Tensor histogram_fwd(const at::Tensor& probs, const at::Tensor& groups, const std::optional<at::Tensor>& weights,
                          int64_t num_groups, bool deterministic);
+// histogram_fwd plus its fused input check: flags[3] (int64) = (probs hold +-inf/NaN, probs hold
+// a negative entry, weights hold +-inf/NaN), found in the same pass that builds the table.
+std::tuple<at::Tensor, at::Tensor> histogram_fwd_checked(const at::Tensor& probs, const at::Tensor& groups,
+                                                         const std::optional<at::Tensor>& weights,
+                                                         int64_t num_groups, bool deterministic);
 at::Tensor histogram_bwd(const at::Tensor& grad_joint, const at::Tensor& groups,
                          const std::optional<at::Tensor>& weights);
 

@@ -54,7 +54,14 @@ def _validate_pair(x, x_name, centers, check_inputs):
 
 
 def student_t_assign(z, centers, alpha=1.0, *, backend="auto", check_inputs=True):
-    """q_ik = (1 + ||z_i - mu_k||^2 / a)^(-(a+1)/2), normalised over k (docs/math.md §1.1): N x K."""
+    """q_ik = (1 + ||z_i - mu_k||^2 / a)^(-(a+1)/2), normalised over k (docs/math.md §1.1): N x K.
+
+    Distances: the expansion ||z'||^2 + ||mu'||^2 - 2 z'.mu' (one matrix product) on z and the
+    centres shifted by the centres' mean, which leaves every distance unchanged. Unshifted, the
+    expansion cancels terms of the size of ||z||^2 (float32 relative error ~7e-5 at embedding
+    norm 30, ~7e-3 at 300); shifted, float32 q and its gradients stay within ~2e-6 of float64 up
+    to norm 10^3 when the centres sit among the data (as fitted centres do). The cpu and
+    reference backends do this; see tests/test_assign.py."""
     _validate_pair(z, "z", centers, check_inputs)
     alpha = _checks.check_positive(alpha, "alpha")
     chosen = _backend.choose(backend, z.device, z.dtype, "student_t")

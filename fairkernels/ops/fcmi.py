@@ -28,13 +28,15 @@ def _all_reduce(tensor: torch.Tensor, process_group) -> torch.Tensor:
     return tensor
 
 
-def _losses_from_statistics(joint, counts, ent_sum, num_rows, process_group):
+def _losses_from_statistics(joint, counts, ent_sum, num_rows: float, process_group):
     """T x K algebra of docs/math.md §3 on (possibly all-reduced) statistics.
 
-    Returns l_clu, l_fair (acc dtype), and what the backward needs: log p_k, log p_tk, N."""
+    Returns l_clu, l_fair (acc dtype), and what the backward needs: log p_k, log p_tk, N (a
+    Python float, or a 0-dim tensor when N is the all-reduced global batch size)."""
     num_groups, num_clusters = joint.shape
     if process_group is not None:
-        packed = torch.cat([joint.reshape(-1), counts, ent_sum.reshape(1), num_rows.reshape(1)])
+        # new_full fills on the device (no host-to-device copy, no sync)
+        packed = torch.cat([joint.reshape(-1), counts, ent_sum.reshape(1), joint.new_full((1,), num_rows)])
         packed = _all_reduce(packed, process_group)
         joint = packed[: num_groups * num_clusters].view(num_groups, num_clusters)
         counts = packed[num_groups * num_clusters: -2]
@@ -60,35 +62,48 @@ def _gradient_table(grad_clu, grad_fair, log_p_cluster, log_p_joint, num_rows):
 
 def _counts(groups, num_groups, dtype):
     # n_t by an integer index_add: unlike bincount its output length does not depend on the
-    # data, so torch.compile traces it without an unbacked size (fullgraph=True).
-    ones = torch.ones_like(groups, dtype=torch.int64)
+    # data, so torch.compile traces it without an unbacked size (fullgraph=True). The ones are
+    # one expanded scalar and int32 ids index directly: no N-element temporaries (allocating
+    # and filling them cost 20x the index_add itself at N = 10^6).
+    ones = groups.new_ones((), dtype=torch.int64).expand(groups.shape[0])
     counts = torch.zeros(num_groups, dtype=torch.int64, device=groups.device)
-    return counts.index_add_(0, groups.long(), ones).to(dtype)
+    return counts.index_add_(0, groups, ones).to(dtype)
+
+
+def _raise_if_not_finite(ent_sum, named_inputs):
+    """The fused input check of the cpu kernels: ent_sum is NaN when an input value is +-inf or
+    NaN (csrc/cpu/kernels.h). Reading it costs nothing on CPU; only then are the inputs scanned,
+    to name the one at fault."""
+    if not bool(torch.isfinite(ent_sum)):
+        for name, tensor in named_inputs:
+            _checks.check_finite(tensor, name)
 
 
 class FcmiFunction(torch.autograd.Function):
-    """(logits, groups) -> (L_clu, L_fair) through the backend's fcmi_fwd / fcmi_bwd kernels."""
+    """(logits, groups) -> (L_clu, L_fair) through the backend's fcmi_fwd / fcmi_bwd kernels.
+
+    fused_check: the backend's kernel flags non-finite logits (see _raise_if_not_finite)."""
 
     @staticmethod
-    def forward(ctx, logits, groups, num_groups, backend, deterministic, process_group):
+    def forward(ctx, logits, groups, num_groups, backend, deterministic, process_group, fused_check=False):
         k = kernels(backend)
         lse, joint, ent_sum = k.fcmi_fwd(logits, groups, num_groups, deterministic)
-        acc = joint.dtype
-        num_rows = torch.tensor(float(logits.shape[0]), dtype=acc, device=logits.device)
+        if fused_check:
+            _raise_if_not_finite(ent_sum, (("logits", logits),))
         l_clu, l_fair, log_p_cluster, log_p_joint, num_rows = _losses_from_statistics(
-            joint, _counts(groups, num_groups, acc), ent_sum, num_rows, process_group)
-        ctx.save_for_backward(logits, groups, lse, log_p_cluster, log_p_joint, num_rows)
-        ctx.backend, ctx.deterministic = backend, deterministic
+            joint, _counts(groups, num_groups, joint.dtype), ent_sum, float(logits.shape[0]), process_group)
+        ctx.save_for_backward(logits, groups, lse, log_p_cluster, log_p_joint)
+        ctx.num_rows, ctx.backend, ctx.deterministic = num_rows, backend, deterministic
         return l_clu.to(logits.dtype), l_fair.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_clu, grad_fair):
-        logits, groups, lse, log_p_cluster, log_p_joint, num_rows = ctx.saved_tensors
+        logits, groups, lse, log_p_cluster, log_p_joint = ctx.saved_tensors
         acc = lse.dtype
         table, logc_coef = _gradient_table(grad_clu.to(acc), grad_fair.to(acc), log_p_cluster,
-                                           log_p_joint, num_rows)
+                                           log_p_joint, ctx.num_rows)
         grad = kernels(ctx.backend).fcmi_bwd(logits, groups, lse, table, logc_coef, ctx.deterministic)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _embedding_chunks(num_rows, num_clusters):
@@ -104,26 +119,27 @@ class FcmiEmbeddingFunction(torch.autograd.Function):
     chunk's logits in the backward, so extra memory is O(chunk K + N + T K + K d)."""
 
     @staticmethod
-    def forward(ctx, h, centers, groups, num_groups, tau, backend, deterministic, process_group):
+    def forward(ctx, h, centers, groups, num_groups, tau, backend, deterministic, process_group,
+                fused_check=False):
         k = kernels(backend)
         if hasattr(k, "fcmi_emb_fwd"):
             lse, joint, ent_sum = k.fcmi_emb_fwd(h, centers, groups, num_groups, tau, deterministic)
         else:
             lse, joint, ent_sum = _chunked_emb_fwd(k, h, centers, groups, num_groups, tau, deterministic)
-        acc = joint.dtype
-        num_rows = torch.tensor(float(h.shape[0]), dtype=acc, device=h.device)
+        if fused_check:
+            _raise_if_not_finite(ent_sum, (("h", h), ("centers", centers)))
         l_clu, l_fair, log_p_cluster, log_p_joint, num_rows = _losses_from_statistics(
-            joint, _counts(groups, num_groups, acc), ent_sum, num_rows, process_group)
-        ctx.save_for_backward(h, centers, groups, lse, log_p_cluster, log_p_joint, num_rows)
-        ctx.tau, ctx.backend, ctx.deterministic = tau, backend, deterministic
+            joint, _counts(groups, num_groups, joint.dtype), ent_sum, float(h.shape[0]), process_group)
+        ctx.save_for_backward(h, centers, groups, lse, log_p_cluster, log_p_joint)
+        ctx.num_rows, ctx.tau, ctx.backend, ctx.deterministic = num_rows, tau, backend, deterministic
         return l_clu.to(h.dtype), l_fair.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_clu, grad_fair):
-        h, centers, groups, lse, log_p_cluster, log_p_joint, num_rows = ctx.saved_tensors
+        h, centers, groups, lse, log_p_cluster, log_p_joint = ctx.saved_tensors
         acc = lse.dtype
         table, logc_coef = _gradient_table(grad_clu.to(acc), grad_fair.to(acc), log_p_cluster,
-                                           log_p_joint, num_rows)
+                                           log_p_joint, ctx.num_rows)
         k = kernels(ctx.backend)
         if hasattr(k, "fcmi_emb_bwd"):
             grad_h, grad_centers = k.fcmi_emb_bwd(h, centers, groups, lse, table, logc_coef, ctx.tau,
@@ -131,7 +147,7 @@ class FcmiEmbeddingFunction(torch.autograd.Function):
         else:
             grad_h, grad_centers = _chunked_emb_bwd(k, h, centers, groups, lse, table, logc_coef,
                                                     ctx.tau, ctx.deterministic)
-        return grad_h, grad_centers, None, None, None, None, None, None
+        return grad_h, grad_centers, None, None, None, None, None, None, None
 
 
 def _unit_rows(x, acc):
@@ -172,12 +188,16 @@ def _chunked_emb_bwd(k, h, centers, groups, lse, table, logc_coef, tau, determin
 
 
 # --------------------------------------------------------------------------- public API
-def _validate_logits(logits, groups, num_groups, check_inputs):
+def _validate_logits(logits, groups, num_groups, backend, check_inputs):
+    """Checks, backend choice -> (num_groups, chosen backend, fused_check)."""
     _checks.check_matrix(logits, "logits")
-    num_groups = _checks.check_groups(groups, logits.shape[0], logits, num_groups, check_inputs)
-    if check_inputs:
+    num_groups = _checks.check_groups(groups, logits.shape[0], logits, num_groups, check_values=False)
+    chosen = _backend.choose(backend, logits.device, logits.dtype, "fcmi")
+    fused_check = _checks.fused_checks(chosen, check_inputs)
+    if check_inputs and not fused_check:
+        _checks.check_group_values(groups, num_groups)
         _checks.check_finite(logits, "logits")
-    return num_groups
+    return num_groups, chosen, fused_check
 
 
 def fcmi_terms(logits, groups, num_groups=None, *, backend="auto", deterministic=False,
@@ -189,13 +209,14 @@ def fcmi_terms(logits, groups, num_groups=None, *, backend="auto", deterministic
     process_group (a torch.distributed group, or True for the default group) all-reduces the
     sufficient statistics so every rank gets the loss of the global batch (docs/math.md §6).
     The cpu backend is always deterministic; Triton is with deterministic=True.
+    check_inputs: reject non-finite logits and group ids outside [0, num_groups). On the cpu
+    backend the kernels do this inside their first pass (no extra pass over the data).
     """
-    num_groups = _validate_logits(logits, groups, num_groups, check_inputs)
-    chosen = _backend.choose(backend, logits.device, logits.dtype, "fcmi")
+    num_groups, chosen, fused_check = _validate_logits(logits, groups, num_groups, backend, check_inputs)
     if chosen == "reference" and process_group is None:
         return reference.fcmi_terms(logits, groups, num_groups)
     return FcmiFunction.apply(logits.contiguous(), groups.contiguous(), num_groups, chosen,
-                              bool(deterministic), process_group)
+                              bool(deterministic), process_group, fused_check)
 
 
 def fcmi_loss(logits, groups, num_groups=None, alpha=0.04, beta=0.2, *, backend="auto",
@@ -224,15 +245,17 @@ def fcmi_terms_from_embeddings(h, centers, groups, num_groups=None, tau=0.1, *, 
         raise TypeError(f"centers has dtype {centers.dtype} but h has {h.dtype}")
     _checks.check_same_device("h", h, "centers", centers)
     tau = _checks.check_positive(tau, "tau")
-    num_groups = _checks.check_groups(groups, h.shape[0], h, num_groups, check_inputs)
-    if check_inputs:
+    num_groups = _checks.check_groups(groups, h.shape[0], h, num_groups, check_values=False)
+    chosen = _backend.choose(backend, h.device, h.dtype, "fcmi_embeddings")
+    fused_check = _checks.fused_checks(chosen, check_inputs)
+    if check_inputs and not fused_check:
+        _checks.check_group_values(groups, num_groups)
         _checks.check_finite(h, "h")
         _checks.check_finite(centers, "centers")
-    chosen = _backend.choose(backend, h.device, h.dtype, "fcmi_embeddings")
     if chosen == "reference" and process_group is None:
         return reference.fcmi_terms(reference.cosine_logits(h, centers, tau), groups, num_groups)
     return FcmiEmbeddingFunction.apply(h.contiguous(), centers.contiguous(), groups.contiguous(), num_groups,
-                                       tau, chosen, bool(deterministic), process_group)
+                                       tau, chosen, bool(deterministic), process_group, fused_check)
 
 
 def fcmi_loss_from_embeddings(h, centers, groups, num_groups=None, tau=0.1, alpha=0.04, beta=0.2, *,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fairkernels.reference import NORM_EPS, _acc_dtype
+from fairkernels.reference import NORM_EPS, _acc_dtype, squared_distances
 
 
 # --------------------------------------------------------------------------- fcmi (docs/math.md §3)
@@ -48,6 +48,16 @@ def histogram_fwd(probs, groups, weights, num_groups: int, deterministic: bool =
     return joint.index_add_(0, groups.long(), rows)
 
 
+def histogram_fwd_checked(probs, groups, weights, num_groups: int, deterministic: bool = False):
+    """Optional (a backend may omit it): histogram_fwd plus its input check, flags[3] int64 =
+    (probs hold +-inf/NaN, probs hold a negative entry, weights hold +-inf/NaN). The cpu kernel
+    finds them in the pass that builds the table; this body spells out what it computes."""
+    flags = torch.stack([~torch.isfinite(probs).all(), (probs < 0).any(),
+                         torch.zeros((), dtype=torch.bool, device=probs.device) if weights is None
+                         else ~torch.isfinite(weights).all()]).long()
+    return histogram_fwd(probs, groups, weights, num_groups, deterministic), flags
+
+
 def histogram_bwd(grad_joint, groups, weights):
     """-> grad_probs[N,K] (grad_joint's dtype): dL/dP_ik = w_i dL/dJ_{g_i k}."""
     grad = grad_joint[groups.long()]
@@ -58,14 +68,21 @@ def histogram_bwd(grad_joint, groups, weights):
 
 # --------------------------------------------------------------------------- Student-t (docs/math.md §1.1)
 def _sq_dist(z, centers):
+    """Plain expansion (the k-means kernels' distance, ties resolved on the same values)."""
     acc = _acc_dtype(z.dtype)
     za, ca = z.to(acc), centers.to(acc)
     return ((za * za).sum(1, keepdim=True) + (ca * ca).sum(1) - 2.0 * za @ ca.t()).clamp_min(0.0)
 
 
+def _student_t_dist(z, centers):
+    """Centred expansion (reference.squared_distances): accurate in float32 at large norms."""
+    acc = _acc_dtype(z.dtype)
+    return squared_distances(z.to(acc), centers.to(acc))
+
+
 def student_t_fwd(z, centers, alpha: float):
     """-> q[N,K] in z's dtype."""
-    log_w = -(alpha + 1.0) / 2.0 * torch.log1p(_sq_dist(z, centers) / alpha)
+    log_w = -(alpha + 1.0) / 2.0 * torch.log1p(_student_t_dist(z, centers) / alpha)
     return torch.softmax(log_w, dim=1).to(z.dtype)
 
 
@@ -74,8 +91,11 @@ def student_t_bwd(grad_q, q, z, centers, alpha: float):
     acc = _acc_dtype(z.dtype)
     qa, ga = q.to(acc), grad_q.to(acc)
     s = qa * (ga - (qa * ga).sum(1, keepdim=True))
-    coef = s * (-(alpha + 1.0) / 2.0) / (alpha + _sq_dist(z, centers))
+    coef = s * (-(alpha + 1.0) / 2.0) / (alpha + _student_t_dist(z, centers))
+    # the gradients are shift-invariant too: centre by the centres' mean as the distances do
     za, ca = z.to(acc), centers.to(acc)
+    shift = ca.mean(0, keepdim=True)
+    za, ca = za - shift, ca - shift
     grad_z = 2.0 * (coef.sum(1, keepdim=True) * za - coef @ ca)
     grad_centers = -2.0 * (coef.t() @ za - coef.sum(0)[:, None] * ca)
     return grad_z.to(z.dtype), grad_centers.to(centers.dtype)
