@@ -22,8 +22,10 @@ import numbers
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import normalized_mutual_info_score
+
+# _lazy_imports_note: scikit-learn and scipy are imported inside the functions that need them.
+# Importing scikit-learn maps its own bundled OpenMP runtime (and scipy its OpenBLAS) next to
+# torch's, so a module-level import would give every `import fairkernels` a second runtime.
 
 __all__ = ["accuracy", "nmi", "balance", "mnce", "f_beta", "fwd", "evaluate", "contingency",
            "count_table", "balance_from_counts", "mnce_from_counts", "fwd_from_counts",
@@ -180,6 +182,7 @@ def accuracy_from_counts(counts) -> float:
     total = counts.sum()
     if total <= 0:
         raise ValueError("counts is all zeros")
+    from scipy.optimize import linear_sum_assignment  # lazy: see _lazy_imports_note below
     rows, cols = linear_sum_assignment(counts, maximize=True)
     return float(counts[rows, cols].sum() / total)
 
@@ -202,6 +205,7 @@ def nmi(y, pred) -> float:
     y = _as_labels(y, "y")
     pred = _as_labels(pred, "pred")
     _check_lengths(y=y, pred=pred)
+    from sklearn.metrics import normalized_mutual_info_score  # lazy: see _lazy_imports_note below
     score = float(normalized_mutual_info_score(y, pred, average_method="arithmetic"))
     # Keep float rounding of the ratio (e.g. 1 + 1e-16 for identical partitions) inside [0, 1].
     return min(max(score, 0.0), 1.0) if math.isfinite(score) else 0.0
