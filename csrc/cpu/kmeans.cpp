@@ -13,6 +13,10 @@
 
 #include <limits>
 
+// The vector helpers below pass 32-byte vectors by value; they are always inlined, so the ABI
+// note GCC gives for the baseline build does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace fairkernels::cpu {
 namespace {
 
@@ -84,16 +88,54 @@ __attribute__((always_inline)) inline vec vec_min(vec a, vec b) {
   return a < b ? a : b;
 }
 
-// Every lane of the result holds the minimum over the lanes of v (log2(lanes) shuffles).
-template <typename scalar_t>
-__attribute__((always_inline)) inline typename Vec<scalar_t>::type lane_min(typename Vec<scalar_t>::type v) {
+// Every lane of the result holds the minimum (lane_min) or the sum (lane_sum) over the lanes of
+// v: log2(lanes) butterfly shuffles with constant masks.
+template <typename scalar_t, typename Op>
+__attribute__((always_inline)) inline typename Vec<scalar_t>::type lane_reduce(typename Vec<scalar_t>::type v,
+                                                                               Op op) {
   using index_vec = typename Vec<scalar_t>::index;
-  for (int64_t step = 1; step < kLanes<scalar_t>; step *= 2) {
-    index_vec partner;
-    for (int64_t l = 0; l < kLanes<scalar_t>; ++l) partner[l] = l ^ step;
-    v = vec_min(v, __builtin_shuffle(v, partner));
+  if constexpr (kLanes<scalar_t> == 8) {
+    v = op(v, __builtin_shuffle(v, index_vec{4, 5, 6, 7, 0, 1, 2, 3}));
+    v = op(v, __builtin_shuffle(v, index_vec{2, 3, 0, 1, 6, 7, 4, 5}));
+    v = op(v, __builtin_shuffle(v, index_vec{1, 0, 3, 2, 5, 4, 7, 6}));
+  } else {
+    static_assert(kLanes<scalar_t> == 4, "32-byte vectors of float or double");
+    v = op(v, __builtin_shuffle(v, index_vec{2, 3, 0, 1}));
+    v = op(v, __builtin_shuffle(v, index_vec{1, 0, 3, 2}));
   }
   return v;
+}
+
+// {0, 1, ..., lanes - 1}: the center offsets of the lanes within a column group.
+template <typename scalar_t>
+__attribute__((always_inline)) inline typename Vec<scalar_t>::type lane_offsets() {
+  if constexpr (kLanes<scalar_t> == 8) {
+    return typename Vec<scalar_t>::type{0, 1, 2, 3, 4, 5, 6, 7};
+  } else {
+    return typename Vec<scalar_t>::type{0, 1, 2, 3};
+  }
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline typename Vec<scalar_t>::type lane_min(typename Vec<scalar_t>::type v) {
+  return lane_reduce<scalar_t>(v, [](auto a, auto b) { return vec_min(a, b); });
+}
+
+// |x|^2 of one row: vector partial sums over full vectors, then the lanes, then the remainder.
+template <typename scalar_t>
+__attribute__((always_inline)) inline scalar_t row_sq_norm(const scalar_t* row, int64_t dims) {
+  using vec = typename Vec<scalar_t>::type;
+  constexpr int64_t lanes = kLanes<scalar_t>;
+  vec partial{};
+  int64_t j = 0;
+  for (; j + lanes <= dims; j += lanes) {
+    vec v;
+    __builtin_memcpy(&v, row + j, sizeof(vec));
+    partial += v * v;
+  }
+  scalar_t total = lane_reduce<scalar_t>(partial, [](auto a, auto b) { return a + b; })[0];
+  for (; j < dims; ++j) total += row[j] * row[j];
+  return total;
 }
 
 // One register block: block_rows (<= rows_) rows of `block` (rows_ readable rows, stride dims)
@@ -124,10 +166,8 @@ __attribute__((always_inline)) inline void min_block(const scalar_t* block, int6
       for (int64_t g = 0; g < groups_; ++g) acc[r][g] += xv * c[g];
     }
   }
-  vec index[groups_] = {};
-  for (int64_t g = 0; g < groups_; ++g) {
-    for (int64_t l = 0; l < lanes; ++l) index[g][l] = scalar_t((group + g) * lanes + l);
-  }
+  vec index[groups_];
+  for (int64_t g = 0; g < groups_; ++g) index[g] = lane_offsets<scalar_t>() + scalar_t((group + g) * lanes);
   for (int64_t r = 0; r < block_rows; ++r) {
     for (int64_t g = 0; g < groups_; ++g) {
       const auto closer = acc[r][g] < best[r];
@@ -180,9 +220,7 @@ FAIRKERNELS_MULTIVERSION void nearest_in_tile(const scalar_t* x, int64_t rows, i
     const vec m = lane_min<scalar_t>(best[i]);
     const scalar_t k = lane_min<scalar_t>(best[i] == m ? best_k[i] : vec{} + inf)[0];
     const scalar_t* x_row = x + i * dims;
-    scalar_t x_sq = 0;
-#pragma omp simd reduction(+ : x_sq)
-    for (int64_t j = 0; j < dims; ++j) x_sq += x_row[j] * x_row[j];
+    const scalar_t x_sq = row_sq_norm(x_row, dims);
     // No center reached: every m was NaN or +inf (non-finite input); label 0 as the reference.
     const int64_t label = m[0] < inf ? static_cast<int64_t>(k) : 0;
     out.labels[i] = label;
@@ -205,6 +243,31 @@ void check_inputs(const at::Tensor& x, const at::Tensor& centers) {
   TORCH_CHECK(centers.size(0) <= (int64_t(1) << 24), "centers must have at most 2^24 rows, got ", centers.size(0));
 }
 
+// Every chunk of the plan: its tiles in order, into the chunk's own sum/count buffers (when
+// chunk_sums is not null). Chunks are claimed dynamically, so a thread descheduled on a shared
+// machine does not hold the others back; the result does not depend on who ran which chunk.
+template <typename scalar_t>
+void assign_chunks(const at::Tensor& x, const PackedCenters<scalar_t>& packed, int64_t num_clusters,
+                   const ChunkPlan& plan, int64_t* labels, scalar_t* min_dist, double* chunk_sums,
+                   int64_t* chunk_counts) {
+  const int64_t rows = x.size(0), dims = x.size(1);
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  const scalar_t* neg2_mu = packed.neg2_mu.template const_data_ptr<scalar_t>();
+  const scalar_t* mu_sq = packed.mu_sq.template const_data_ptr<scalar_t>();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t chunk = 0; chunk < plan.num_chunks; ++chunk) {
+    std::vector<scalar_t> row_pad(kGroups * kRows * dims);
+    const int64_t end = plan.end(chunk, rows);
+    for (int64_t start = plan.begin(chunk); start < end; start += kTileRows) {
+      const ChunkOut<scalar_t> out{labels + start, min_dist + start,
+                                   chunk_sums ? chunk_sums + chunk * num_clusters * dims : nullptr,
+                                   chunk_counts ? chunk_counts + chunk * num_clusters : nullptr};
+      nearest_in_tile<scalar_t>(x_data + start * dims, std::min(kTileRows, end - start), dims, neg2_mu, mu_sq,
+                                packed.num_groups, static_cast<int32_t>(num_clusters), out, row_pad.data());
+    }
+  }
+}
+
 // Labels and min_dist of every row; with accumulate, also the per-cluster float64 sums and int64
 // counts. Rows are split by plan_chunks (a function of N and K only) and each chunk adds into
 // its own buffers, summed in chunk order: the result is bitwise the same for any thread count.
@@ -225,22 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nearest_centers(const
   std::vector<double> chunk_sums(buffered * sum_elems, 0.0);
   std::vector<int64_t> chunk_counts(buffered * num_clusters, 0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kmeans", [&] {
-    const PackedCenters<scalar_t> packed = pack_centers<scalar_t>(centers);
-    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    parallel_chunks(plan, [&](int64_t chunk) {
-      std::vector<scalar_t> row_pad(kGroups * kRows * dims);
-      const int64_t begin = plan.begin(chunk), end = plan.end(chunk, rows);
-      for (int64_t start = begin; start < end; start += kTileRows) {
-        const ChunkOut<scalar_t> out{labels.mutable_data_ptr<int64_t>() + start,
-                                     min_dist.mutable_data_ptr<scalar_t>() + start,
-                                     accumulate ? chunk_sums.data() + chunk * sum_elems : nullptr,
-                                     accumulate ? chunk_counts.data() + chunk * num_clusters : nullptr};
-        nearest_in_tile<scalar_t>(x_data + start * dims, std::min(kTileRows, end - start), dims,
-                                  packed.neg2_mu.template const_data_ptr<scalar_t>(),
-                                  packed.mu_sq.template const_data_ptr<scalar_t>(), packed.num_groups,
-                                  static_cast<int32_t>(num_clusters), out, row_pad.data());
-      }
-    });
+    assign_chunks<scalar_t>(x, pack_centers<scalar_t>(centers), num_clusters, plan,
+                            labels.mutable_data_ptr<int64_t>(), min_dist.mutable_data_ptr<scalar_t>(),
+                            accumulate ? chunk_sums.data() : nullptr, accumulate ? chunk_counts.data() : nullptr);
   });
   if (accumulate) {
     reduce_chunks(chunk_sums, plan.num_chunks, sum_elems, sums.mutable_data_ptr<double>());
