@@ -4,8 +4,10 @@ The assignment step is the backend kernel `kmeans_assign(x_chunk, centers) -> (l
 min_sq_dist)` (interface: fairkernels/ops/torch_kernels.py) run over row chunks, so no N x K
 matrix is ever held: extra memory is O(chunk K + N + K d). The update is a segmented sum of the
 rows per label (index_add_, or a sort + segment_reduce in float64 with deterministic=True) and
-bincount for the counts. With a process group the sums, counts and inertia are all-reduced, so
-every rank holds identical centers, equal to those of one process on the concatenated data.
+bincount for the counts. On the cpu backend one fused C++ kernel, `kmeans_step`, does both in a
+single pass over x (labels, distances, float64 per-cluster sums and counts; csrc/cpu/kmeans.cpp).
+With a process group the sums, counts and inertia are all-reduced, so every rank holds identical
+centers, equal to those of one process on the concatenated data.
 
 The FCMI trainer uses the spherical variant (rows and centers L2-normalised) on its normalised
 embeddings.
@@ -307,8 +309,9 @@ def kmeans(x, n_clusters, *, init="k-means++", n_iter=100, tol=1e-4, spherical=F
     """Lloyd k-means of the rows of x (torch tensor on any device, or numpy array / memmap).
 
     init: "k-means++" (greedy, on a seeded sample of sample_size or max(50 K, 10^4) rows) or
-    "random" (K distinct sample rows); init_centers [K, d] overrides both. Iterates until the
-    relative change of inertia is <= tol or n_iter iterations ran; the returned labels and
+    "random" (K distinct sample rows); init_centers [K, d] overrides both. Iterates until no
+    label changes (the centers are then final: as scikit-learn's strict convergence), the
+    relative change of inertia is <= tol, or n_iter iterations ran; the returned labels and
     inertia are those of every row against the returned centers. spherical=True clusters the
     L2-normalised rows with unit centers (cosine k-means). sample_size caps the rows used in
     the Lloyd iterations (a seeded random subset) for very large N; the final labels still
@@ -316,7 +319,9 @@ def kmeans(x, n_clusters, *, init="k-means++", n_iter=100, tol=1e-4, spherical=F
 
     backend picks the assignment kernel (fairkernels._backend.choose, op "kmeans_assign").
     deterministic=True sums the clusters by sort + segment_reduce in float64 (bitwise
-    reproducible on any device); the default index_add_ is already deterministic on CPU.
+    reproducible on any device); the default index_add_ is already deterministic on CPU, and
+    the cpu backend's fused kernel always sums in float64 in a fixed chunk order (bitwise the
+    same for any thread count).
     process_group (a torch.distributed group, or True for the default one): each rank passes
     its own rows; centers are seeded from rank 0's sample and broadcast, the per-cluster
     sums, counts and inertia are all-reduced, so every rank gets the same centers (those of
