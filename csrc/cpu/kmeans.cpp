@@ -15,7 +15,9 @@
 
 // The vector helpers below pass 32-byte vectors by value; they are always inlined, so the ABI
 // note GCC gives for the baseline build does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace fairkernels::cpu {
 namespace {
@@ -88,20 +90,26 @@ __attribute__((always_inline)) inline vec vec_min(vec a, vec b) {
   return a < b ? a : b;
 }
 
-// Every lane of the result holds the minimum (lane_min) or the sum (lane_sum) over the lanes of
-// v: log2(lanes) butterfly shuffles with constant masks.
+// v with its lanes permuted by constant indices (GCC and Clang spell the builtin differently).
+#if defined(__clang__)
+#define FAIRKERNELS_PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define FAIRKERNELS_PERMUTE(v, ...) __builtin_shuffle(v, typename Vec<scalar_t>::index{__VA_ARGS__})
+#endif
+
+// Every lane of the result holds op-reduction (minimum, sum) over the lanes of v: log2(lanes)
+// butterfly shuffles with constant masks.
 template <typename scalar_t, typename Op>
 __attribute__((always_inline)) inline typename Vec<scalar_t>::type lane_reduce(typename Vec<scalar_t>::type v,
                                                                                Op op) {
-  using index_vec = typename Vec<scalar_t>::index;
   if constexpr (kLanes<scalar_t> == 8) {
-    v = op(v, __builtin_shuffle(v, index_vec{4, 5, 6, 7, 0, 1, 2, 3}));
-    v = op(v, __builtin_shuffle(v, index_vec{2, 3, 0, 1, 6, 7, 4, 5}));
-    v = op(v, __builtin_shuffle(v, index_vec{1, 0, 3, 2, 5, 4, 7, 6}));
+    v = op(v, FAIRKERNELS_PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = op(v, FAIRKERNELS_PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5));
+    v = op(v, FAIRKERNELS_PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6));
   } else {
     static_assert(kLanes<scalar_t> == 4, "32-byte vectors of float or double");
-    v = op(v, __builtin_shuffle(v, index_vec{2, 3, 0, 1}));
-    v = op(v, __builtin_shuffle(v, index_vec{1, 0, 3, 2}));
+    v = op(v, FAIRKERNELS_PERMUTE(v, 2, 3, 0, 1));
+    v = op(v, FAIRKERNELS_PERMUTE(v, 1, 0, 3, 2));
   }
   return v;
 }
