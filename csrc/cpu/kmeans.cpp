@@ -11,6 +11,11 @@
 
 #include "common.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
 #include <limits>
 
 // The vector helpers below pass 32-byte vectors by value; they are always inlined, so the ABI
@@ -254,6 +259,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& centers) {
 // Every chunk of the plan: its tiles in order, into the chunk's own sum/count buffers (when
 // chunk_sums is not null). Chunks are claimed dynamically, so a thread descheduled on a shared
 // machine does not hold the others back; the result does not depend on who ran which chunk.
+// Like at::parallel_for: torch.set_num_threads' count from any calling thread, and serial when
+// called inside a parallel region.
 template <typename scalar_t>
 void assign_chunks(const at::Tensor& x, const PackedCenters<scalar_t>& packed, int64_t num_clusters,
                    const ChunkPlan& plan, int64_t* labels, scalar_t* min_dist, double* chunk_sums,
@@ -262,7 +269,8 @@ void assign_chunks(const at::Tensor& x, const PackedCenters<scalar_t>& packed, i
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const scalar_t* neg2_mu = packed.neg2_mu.template const_data_ptr<scalar_t>();
   const scalar_t* mu_sq = packed.mu_sq.template const_data_ptr<scalar_t>();
-#pragma omp parallel for schedule(dynamic, 1)
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t chunk = 0; chunk < plan.num_chunks; ++chunk) {
     std::vector<scalar_t> row_pad(kGroups * kRows * dims);
     const int64_t end = plan.end(chunk, rows);
