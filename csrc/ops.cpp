@@ -18,6 +18,7 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("cosine_fwd(Tensor h, Tensor centers, float tau) -> Tensor");
   m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
+  m.def("kmeans_step(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist, Tensor sums, Tensor counts)");
 }
 
 TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
@@ -33,6 +34,7 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("cosine_fwd", &fairkernels::cpu::cosine_fwd);
   m.impl("cosine_bwd", &fairkernels::cpu::cosine_bwd);
   m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
+  m.impl("kmeans_step", &fairkernels::cpu::kmeans_step);
 }
 
 // CUDA kernels (csrc/cuda/*.cu) register here, in a TORCH_LIBRARY_IMPL(fairkernels, CUDA, m)

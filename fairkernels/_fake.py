@@ -88,3 +88,11 @@ def _cosine_bwd(grad_c, c, h, centers, tau):
 @_register("kmeans_assign")
 def _kmeans_assign(x, centers):
     return x.new_empty((x.shape[0],), dtype=torch.long), x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
+
+
+@_register("kmeans_step")
+def _kmeans_step(x, centers):
+    rows, dims = x.shape
+    num_clusters = centers.shape[0]
+    return (x.new_empty((rows,), dtype=torch.long), x.new_empty((rows,), dtype=_acc_dtype(x.dtype)),
+            x.new_empty((num_clusters, dims), dtype=torch.float64), x.new_empty((num_clusters,), dtype=torch.long))

@@ -53,5 +53,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_bwd(const at::Tensor& grad_c, const at
 
 // Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
 std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);
+// One fused Lloyd pass: kmeans_assign's outputs plus per-cluster row sums [K, d] (float64) and
+// counts [K] (int64) of the rows by their new label.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_step(const at::Tensor& x, const at::Tensor& centers);
 
 }  // namespace fairkernels::cpu
