@@ -123,6 +123,8 @@ class DFCConfig(TrainConfig):
     dropout: float = 0.2
     update_interval: int = 140
     epochs: int = 50
+    centroids_from: str = "target"
+    rec_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -134,6 +136,10 @@ class DFCConfig(TrainConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.update_interval, int) or self.update_interval < 1:
             raise ValueError(f"update_interval must be a positive int, got {self.update_interval!r}")
+        if self.centroids_from not in ("target", "q"):
+            raise ValueError(f"centroids_from must be 'target' or 'q', got {self.centroids_from!r}")
+        if not float(self.rec_weight) >= 0:
+            raise ValueError(f"rec_weight must be >= 0, got {self.rec_weight!r}")
         if float(self.gamma) < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
         if not 0.0 <= float(self.dropout) < 1.0:

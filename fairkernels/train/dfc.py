@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
+from fairkernels import reference
 from fairkernels.reference import LOG_EPS
 from fairkernels.train.base import Trainer, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
@@ -66,7 +67,10 @@ class DFCTrainer(Trainer):
                 list(self.model.decoder_layers[layer].parameters())
         if phase == "finetune":
             return list(self.model.parameters())
-        return list(self.model.encoder_layers.parameters()) + [self.mu]
+        # The paper optimises the encoder W, the decoder theta and the centroids; the decoder
+        # only gets a gradient when the reconstruction term is kept (rec_weight > 0).
+        trained = self.model if self.config.rec_weight > 0 else self.model.encoder_layers
+        return list(trained.parameters()) + [self.mu]
 
     def make_optimizer(self, phase: str):
         cfg = self.config
@@ -124,14 +128,37 @@ class DFCTrainer(Trainer):
         if self.state["iteration"] % cfg.update_interval == 0:
             self.refresh_target(self._full_X)
         self.state["iteration"] += 1
-        z = self.model.encode(x)
+        if cfg.rec_weight > 0:
+            z, x_hat = self.train_forward(x)
+        else:
+            z = self.model.encode(x)
         q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend)
-        loss, l_cl, l_fr, fairoids = fk.dfc_loss(q, z, groups, self.num_groups, cfg.effective_gamma, cfg.alpha,
-                                                 cfg.beta, target=self.state["target"][index],
-                                                 previous_fairoids=self.state.get("fairoids"),
-                                                 backend=cfg.backend, check_inputs=False)
-        self.state["fairoids"] = fairoids
-        return loss, {"kl": l_cl, "fair": l_fr, "loss": loss}
+        target = self.state["target"][index]
+        l_cl = fk.kl_div(target, q, backend=cfg.backend, check_inputs=False)
+        loss, terms = l_cl, {"kl": l_cl}
+        gamma = cfg.effective_gamma
+        if gamma > 0.0:           # DEC (gamma 0) skips the fairness term: it would only cost time
+            l_fr = self.fairoid_term(q, target, z, groups)
+            loss = loss + gamma * l_fr
+            terms["fair"] = l_fr
+        if cfg.rec_weight > 0:
+            l_rec = F.mse_loss(x_hat, x)
+            loss = loss + cfg.rec_weight * l_rec
+            terms["rec"] = l_rec
+        terms["loss"] = loss
+        return loss, terms
+
+    def fairoid_term(self, q, target, z, groups):
+        """KL(Psi || Phi) of SPEC 4 for this batch. The eq. 12 centroids M are fitted to the
+        assignments named by config.centroids_from ("target": the paper's P, "q": the soft Q)."""
+        cfg = self.config
+        weights = target if cfg.centroids_from == "target" else q
+        centroids = reference.batch_centroids(weights, z)
+        group_centroids, present = reference.fairoids(z, groups, self.num_groups, self.state.get("fairoids"))
+        self.state["fairoids"] = group_centroids.detach()
+        phi = reference.fairness_matrix(centroids, group_centroids, cfg.alpha, present)
+        psi = reference.fairoid_target(phi, cfg.beta, present=present)
+        return reference.fairoid_loss(psi, phi).to(q.dtype)
 
     def _run_epoch(self, epoch, phase, stream, optimizer):
         terms = super()._run_epoch(epoch, phase, stream, optimizer)
