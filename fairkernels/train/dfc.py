@@ -3,11 +3,15 @@
 Schedule (one global epoch counter, so checkpoints and resume cover every stage):
   pretrain-<i>  greedy layer-wise denoising pretraining of SDAE layer i (pretrain_epochs each)
   finetune      end-to-end reconstruction of the whole SDAE (finetune_epochs)
-  cluster       KL(P||Q) + gamma KL(Psi||Phi) on the encoder and the centroids mu (epochs;
-                skipped by ae-km). mu starts from k-means++ on the embeddings; the DEC target P
-                is refreshed from the whole set every update_interval iterations; the fairoids
-                are kept as state so a group absent from a batch keeps its last value.
-DEC is gamma = 0. AE + k-means clusters the fine-tuned embeddings with k-means.
+  cluster       KL(P||Q) + gamma KL(Psi||Phi) (+ rec_weight * MSE, then the decoder trains
+                too) on the encoder and the centroids mu (epochs; skipped by ae-km). mu starts
+                from k-means++ on the embeddings; the DEC target P is refreshed from the whole
+                set every update_interval iterations; the eq. 12 batch centroids are fitted to
+                the batch's rows of P (the paper's eq. 12; config.centroids_from="q" fits them
+                to Q); the fairoids are kept as state so a group absent from a batch keeps its
+                last value.
+DEC is gamma = 0 (the fairoid term is then not computed). AE + k-means clusters the fine-tuned
+embeddings with k-means.
 
 Under DDP: the fine-tuning forward goes through DistributedDataParallel; the layer-wise
 pretraining (which calls single layers) and the clustering phase (whose centroids mu live
