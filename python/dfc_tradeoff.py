@@ -4,6 +4,7 @@
     python python/dfc_tradeoff.py --data synthetic --gammas 0 1 10
     python python/dfc_tradeoff.py --set centroids_from=q --set lr=0.001   # a recipe variant
     python python/dfc_tradeoff.py --diagnose --seeds 0      # why: loss and gradient anatomy
+    python python/dfc_tradeoff.py --summarise benchmarks/results/dfc_tradeoff.csv   # the tables
 
 Per seed the SDAE is pretrained once (layer-wise + fine-tuning, written as a checkpoint) and
 every method / gamma resumes from a copy of it, so the rows of one seed differ only in the
@@ -168,10 +169,18 @@ def main(argv=None):
     parser.add_argument("--variant", default="default", help="a name for this recipe in the table")
     parser.add_argument("--no-baselines", action="store_true", help="skip DEC and AE + k-means")
     parser.add_argument("--diagnose", action="store_true", help="print the loss / gradient anatomy and exit")
+    parser.add_argument("--summarise", metavar="CSV", help="print the mean +- std tables of a results file and exit")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/dfc_tradeoff.csv", help="appended to")
     args = parser.parse_args(argv)
     args.overrides = parse_overrides(args.overrides)
+    if args.summarise:
+        with open(args.summarise, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for name in dict.fromkeys(row["data"] for row in rows):
+            print(name)
+            summarise([row for row in rows if row["data"] == name])
+        return
     if args.clusters is None:
         args.clusters = 10 if args.data == "digits-reverse" else 4
     if args.width is None:
