@@ -118,9 +118,11 @@ class DFCConfig(TrainConfig):
     to be equally far from every group mean; its gradient moves whole clusters (and whole
     groups), so it mixes groups only where the groups are shifted copies of each other. Measured
     with python/dfc_tradeoff.py (3 seeds, digits-reverse, where the group is linearly separable
-    in the SDAE embedding): gamma <= 3 changes nothing, 10 lowers FWD at ~2 points of ACC, 30-100
-    gain Balance / MNCE at 6-16 points of ACC. The default 10 is the largest measured gamma within
-    3 points of DEC's ACC there; tune it per data set as the paper does."""
+    in the SDAE embedding; benchmarks/results/dfc_tradeoff.csv): at width 0.25 gamma <= 3
+    changes nothing, 10 lowers FWD 0.50 -> 0.40 at 2 points of ACC, 20-100 gain Balance / MNCE
+    at 4-16 points of ACC; at width 1 gamma 10 lowers FWD to 0.48 at 1.8 points. The default 10
+    is the largest gamma within 3 points of DEC's ACC at both widths; tune it per data set as
+    the paper does."""
     method: str = "dfc"
     gamma: float = 10.0
     beta: float = 1000.0
