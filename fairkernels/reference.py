@@ -141,6 +141,19 @@ def kl_div(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (terms.sum() / q.shape[0]).to(q.dtype)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (QR's backward returns a
+    column-major gradient; callers, like every other op's, get a row-major one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Batch centroid estimate of eq. 12, M = (P^T P)^-1 P^T Z (SPEC 4), as a ridge least squares.
 
@@ -161,7 +174,7 @@ def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> to
     floored at LOG_EPS for arbitrary input. Differentiable in q and z (QR and triangular solves);
     lam is part of the function (its gradient flows too). Non-finite input gives non-finite M
     (which the trainers' loss check reports) rather than an exception."""
-    p = q.to(torch.float64)
+    p = _ContiguousGrad.apply(q).to(torch.float64)
     k = p.shape[1]
     lam = ridge * (p * p).sum().clamp_min(LOG_EPS) / k
     eye = torch.eye(k, dtype=torch.float64, device=p.device)

@@ -94,3 +94,10 @@ def test_dfc_loss_on_three_random_groups_of_digits_is_finite():
     loss, _, l_fr, _ = fk.dfc_loss(q, z, groups, 3, backend="reference")
     loss.backward()
     assert torch.isfinite(l_fr) and torch.isfinite(centers.grad).all()
+
+
+def test_gradients_are_contiguous():
+    q = _simplex(40, 5, 1, torch.float32).requires_grad_()
+    z = torch.randn(40, 3, requires_grad=True)
+    grad_q, grad_z = torch.autograd.grad(fk.batch_centroids(q, z).square().sum(), [q, z])
+    assert grad_q.is_contiguous() and grad_z.is_contiguous()
