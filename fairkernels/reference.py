@@ -155,7 +155,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Batch centroid estimate of eq. 12, M = (P^T P)^-1 P^T Z (SPEC 4), as a ridge least squares.
+    """Batch centroid estimate of eq. 12, M = (P^T P)^-1 P^T Z (docs/math.md §4), as a ridge least squares.
 
     Returns M = argmin_M ||P M - Z||^2 + lam ||M||^2 = (P^T P + lam I)^-1 P^T Z with
     lam = ridge * trace(P^T P) / K (P = q, N x K; Z = z, N x d; K x d out, in z's dtype).

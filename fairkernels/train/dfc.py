@@ -153,7 +153,7 @@ class DFCTrainer(Trainer):
         return loss, terms
 
     def fairoid_term(self, q, target, z, groups):
-        """KL(Psi || Phi) of SPEC 4 for this batch. The eq. 12 centroids M are fitted to the
+        """KL(Psi || Phi) of docs/math.md §4 for this batch. The eq. 12 centroids M are fitted to the
         assignments named by config.centroids_from ("target": the paper's P, "q": the soft Q)."""
         cfg = self.config
         weights = target if cfg.centroids_from == "target" else q
