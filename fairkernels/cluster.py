@@ -113,14 +113,17 @@ class DFC(_DeepFairClusterer):
     See fairkernels.train.DFCConfig for every parameter; random_state seeds the run."""
 
     def __init__(self, n_clusters: int = 10, *, method: str = "dfc", latent_dim: Optional[int] = None,
-                 gamma: float = 1.0, beta: float = 1000.0, alpha: float = 1.0, epochs: int = 50,
+                 gamma: float = 10.0, beta: float = 1000.0, alpha: float = 1.0, epochs: int = 100,
                  pretrain_epochs: int = 10, finetune_epochs: int = 20, batch_size: int = 256, lr: float = 0.01,
                  momentum: float = 0.9, pretrain_lr: float = 1e-3, dropout: float = 0.2, update_interval: int = 140,
+                 centroids_from: str = "target", rec_weight: float = 0.0,
                  width: float = 1.0, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
                  random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
                  progress: bool = False, verbose: bool = False):
         self.n_clusters = n_clusters
         self.method = method
+        self.centroids_from = centroids_from
+        self.rec_weight = rec_weight
         self.latent_dim = latent_dim
         self.gamma = gamma
         self.beta = beta

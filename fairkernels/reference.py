@@ -150,16 +150,47 @@ def kl_div(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (terms.sum() / q.shape[0]).to(q.dtype)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (QR's backward returns a
+    column-major gradient; callers, like every other op's, get a row-major one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def batch_centroids(q: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """M = (P^T P)^-1 P^T Z (docs/math.md §4, eq. 12) by a ridge-regularised Cholesky solve."""
-    acc = _acc_dtype(z.dtype)
-    p = q.to(acc)
-    gram = p.t() @ p
-    k = gram.shape[0]
-    reg = ridge * gram.diagonal().sum().clamp_min(LOG_EPS) / k
-    gram = gram + reg * torch.eye(k, dtype=acc, device=gram.device)
-    chol = torch.linalg.cholesky(gram)
-    return torch.cholesky_solve(p.t() @ z.to(acc), chol).to(z.dtype)
+    """Batch centroid estimate of eq. 12, M = (P^T P)^-1 P^T Z (docs/math.md §4), by ridge least squares.
+
+    Returns M = argmin_M ||P M - Z||^2 + lam ||M||^2 = (P^T P + lam I)^-1 P^T Z with
+    lam = ridge * trace(P^T P) / K (P = q, N x K; Z = z, N x d; K x d out, in z's dtype).
+
+    Why this form: P^T P is singular whenever a cluster gets no mass in the batch, two clusters
+    get the same assignments, or N < K, and in float32 rounding makes it indefinite, so a plain
+    Cholesky solve of the normal equations crashes (`linalg.cholesky ... not positive-definite`).
+    Here the ridge-augmented system [P; sqrt(lam) I] M = [Z; 0] is solved by a reduced QR in
+    float64 (whatever the input dtype): that matrix has full column rank for any lam > 0
+    (its smallest singular value is >= sqrt(lam)), so R is invertible and the solve never fails,
+    never forms P^T P (the condition number is that of P, not its square) and needs no host
+    sync. A cluster with no mass gets a centroid shrunk to 0 instead of an arbitrary one. On
+    well-posed systems (P of full column rank) M differs from the exact solve by a relative
+    O(lam / sigma_min(P)^2); pass a tiny ridge (e.g. 1e-12) to get the exact solve to float64
+    rounding. trace(P^T P) = sum p_ik^2 >= N / K for rows on the simplex, so lam > 0; it is
+    floored at LOG_EPS for arbitrary input. Differentiable in q and z (QR and triangular solves);
+    lam is part of the function (its gradient flows too). Non-finite input gives non-finite M
+    (which the trainers' loss check reports) rather than an exception."""
+    p = _ContiguousGrad.apply(q).to(torch.float64)
+    k = p.shape[1]
+    lam = ridge * (p * p).sum().clamp_min(LOG_EPS) / k
+    eye = torch.eye(k, dtype=torch.float64, device=p.device)
+    design = torch.cat([p, lam.sqrt() * eye])
+    rhs = torch.cat([z.to(torch.float64), z.new_zeros(k, z.shape[1], dtype=torch.float64)])
+    basis, upper = torch.linalg.qr(design)
+    return torch.linalg.solve_triangular(upper, basis.t() @ rhs, upper=True).to(z.dtype)
 
 
 def fairoids(z: torch.Tensor, groups: torch.Tensor, num_groups: int,

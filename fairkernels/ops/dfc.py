@@ -58,7 +58,9 @@ def kl_div(target, q, *, backend="auto", check_inputs=True):
 
 
 def batch_centroids(q, z, ridge=1e-6):
-    """M = (Q^T Q)^-1 Q^T Z (docs/math.md §4, eq. 12) with a ridge of ridge * trace / K, by Cholesky."""
+    """M = (Q^T Q)^-1 Q^T Z (docs/math.md §4, eq. 12) as the least-squares solve of the system with a ridge of
+    ridge * trace / K (QR in float64: never fails on singular or indefinite systems; see
+    fairkernels.reference.batch_centroids)."""
     _check_assignments(q)
     _checks.check_matrix(z, "z")
     if z.shape[0] != q.shape[0]:

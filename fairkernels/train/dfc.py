@@ -3,11 +3,15 @@
 Schedule (one global epoch counter, so checkpoints and resume cover every stage):
   pretrain-<i>  greedy layer-wise denoising pretraining of SDAE layer i (pretrain_epochs each)
   finetune      end-to-end reconstruction of the whole SDAE (finetune_epochs)
-  cluster       KL(P||Q) + gamma KL(Psi||Phi) on the encoder and the centroids mu (epochs;
-                skipped by ae-km). mu starts from k-means++ on the embeddings; the DEC target P
-                is refreshed from the whole set every update_interval iterations; the fairoids
-                are kept as state so a group absent from a batch keeps its last value.
-DEC is gamma = 0. AE + k-means clusters the fine-tuned embeddings with k-means.
+  cluster       KL(P||Q) + gamma KL(Psi||Phi) (+ rec_weight * MSE, then the decoder trains
+                too) on the encoder and the centroids mu (epochs; skipped by ae-km). mu starts
+                from k-means++ on the embeddings; the DEC target P is refreshed from the whole
+                set every update_interval iterations; the eq. 12 batch centroids are fitted to
+                the batch's rows of P (the paper's eq. 12; config.centroids_from="q" fits them
+                to Q); the fairoids are kept as state so a group absent from a batch keeps its
+                last value.
+DEC is gamma = 0 (the fairoid term is then not computed). AE + k-means clusters the fine-tuned
+embeddings with k-means.
 
 Under DDP: the fine-tuning forward goes through DistributedDataParallel; the layer-wise
 pretraining (which calls single layers) and the clustering phase (whose centroids mu live
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
+from fairkernels import reference
 from fairkernels.reference import LOG_EPS
 from fairkernels.train.base import Trainer, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
@@ -66,7 +71,10 @@ class DFCTrainer(Trainer):
                 list(self.model.decoder_layers[layer].parameters())
         if phase == "finetune":
             return list(self.model.parameters())
-        return list(self.model.encoder_layers.parameters()) + [self.mu]
+        # The paper optimises the encoder W, the decoder theta and the centroids; the decoder
+        # only gets a gradient when the reconstruction term is kept (rec_weight > 0).
+        trained = self.model if self.config.rec_weight > 0 else self.model.encoder_layers
+        return list(trained.parameters()) + [self.mu]
 
     def make_optimizer(self, phase: str):
         cfg = self.config
@@ -124,14 +132,37 @@ class DFCTrainer(Trainer):
         if self.state["iteration"] % cfg.update_interval == 0:
             self.refresh_target(self._full_X)
         self.state["iteration"] += 1
-        z = self.model.encode(x)
+        if cfg.rec_weight > 0:
+            z, x_hat = self.train_forward(x)
+        else:
+            z = self.model.encode(x)
         q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend)
-        loss, l_cl, l_fr, fairoids = fk.dfc_loss(q, z, groups, self.num_groups, cfg.effective_gamma, cfg.alpha,
-                                                 cfg.beta, target=self.state["target"][index],
-                                                 previous_fairoids=self.state.get("fairoids"),
-                                                 backend=cfg.backend, check_inputs=False)
-        self.state["fairoids"] = fairoids
-        return loss, {"kl": l_cl, "fair": l_fr, "loss": loss}
+        target = self.state["target"][index]
+        l_cl = fk.kl_div(target, q, backend=cfg.backend, check_inputs=False)
+        loss, terms = l_cl, {"kl": l_cl}
+        gamma = cfg.effective_gamma
+        if gamma > 0.0:           # DEC (gamma 0) skips the fairness term: it would only cost time
+            l_fr = self.fairoid_term(q, target, z, groups)
+            loss = loss + gamma * l_fr
+            terms["fair"] = l_fr
+        if cfg.rec_weight > 0:
+            l_rec = F.mse_loss(x_hat, x)
+            loss = loss + cfg.rec_weight * l_rec
+            terms["rec"] = l_rec
+        terms["loss"] = loss
+        return loss, terms
+
+    def fairoid_term(self, q, target, z, groups):
+        """KL(Psi || Phi) of docs/math.md §4 for this batch. The eq. 12 centroids M are fitted to the
+        assignments named by config.centroids_from ("target": the paper's P, "q": the soft Q)."""
+        cfg = self.config
+        weights = target if cfg.centroids_from == "target" else q
+        centroids = reference.batch_centroids(weights, z)
+        group_centroids, present = reference.fairoids(z, groups, self.num_groups, self.state.get("fairoids"))
+        self.state["fairoids"] = group_centroids.detach()
+        phi = reference.fairness_matrix(centroids, group_centroids, cfg.alpha, present)
+        psi = reference.fairoid_target(phi, cfg.beta, present=present)
+        return reference.fairoid_loss(psi, phi).to(q.dtype)
 
     def _run_epoch(self, epoch, phase, stream, optimizer):
         terms = super()._run_epoch(epoch, phase, stream, optimizer)
