@@ -31,7 +31,7 @@ import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
 from fairkernels import reference
 from fairkernels.reference import LOG_EPS
-from fairkernels.train.base import Trainer, encode_all, nearest_center
+from fairkernels.train.base import Trainer, adam, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
 
 
@@ -80,7 +80,7 @@ class DFCTrainer(Trainer):
         cfg = self.config
         if phase == "cluster":
             return torch.optim.SGD(self.parameters(phase), lr=cfg.lr, momentum=cfg.momentum)
-        return torch.optim.Adam(self.parameters(phase), lr=cfg.pretrain_lr)
+        return adam(self.parameters(phase), cfg.pretrain_lr)
 
     # ------------------------------------------------------------------ epochs
     def begin_epoch(self, epoch, phase, X, groups):
