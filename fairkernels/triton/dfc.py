@@ -11,8 +11,10 @@ import triton.language as tl
 
 from fairkernels.triton import _common as cm
 
+_ROWS = ["N", "num_row_tiles"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_ROWS)
 def _dec_target_colsum_kernel(
     Q_ptr,            # q [N, K] contiguous
     COLSUM_ptr,       # out: [P, K] acc, per-program sum_i q_ik
@@ -37,7 +39,7 @@ def _dec_target_colsum_kernel(
                      + tl.sum(q, axis=0), mask=k_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _dec_target_fwd_kernel(
     Q_ptr,            # q [N, K] contiguous
     INV_F_ptr,        # [K] acc: 1 / max(f_k, eps)
@@ -71,7 +73,7 @@ def _dec_target_fwd_kernel(
             tl.store(P_ptr + rows[:, None] * K + offs_k[None, :], target.to(P_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _kl_div_fwd_kernel(
     T_ptr,            # target p [N, K] contiguous
     Q_ptr,            # q [N, K] contiguous
@@ -100,7 +102,7 @@ def _kl_div_fwd_kernel(
     tl.store(SUM_ptr + pid, tl.sum(total))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _kl_div_bwd_kernel(
     T_ptr,            # target p [numel] contiguous
     Q_ptr,            # q [numel] contiguous
@@ -123,10 +125,10 @@ def _kl_div_bwd_kernel(
 
 
 def _row_tiles(q):
-    blk_k = cm.block_k(q.shape[1])
-    blk_n = cm.block_n(blk_k)
-    tiles = triton.cdiv(q.shape[0], blk_n)
-    return blk_n, blk_k, tiles, cm.num_programs(tiles, q.device, q.shape[1], deterministic=True)
+    cfg = cm.row_config(q.shape[1], q.dtype)
+    tiles = triton.cdiv(q.shape[0], cfg.block_n)
+    programs = cm.num_programs(tiles, q.device, q.shape[1], deterministic=True)
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps), tiles, programs
 
 
 @torch.library.custom_op("fairkernels::triton_dec_target", mutates_args=())
@@ -135,14 +137,12 @@ def dec_target(q: torch.Tensor) -> torch.Tensor:
     q = q.contiguous()
     acc = cm.acc_dtype(q.dtype)
     num_rows, num_cols = q.shape
-    blk_n, blk_k, tiles, programs = _row_tiles(q)
+    blocks, tiles, programs = _row_tiles(q)
     colsum = torch.zeros(programs, num_cols, dtype=acc, device=q.device)
-    _dec_target_colsum_kernel[(programs,)](q, colsum, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype),
-                                           BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_dec_target_colsum_kernel, programs, q, colsum, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     inv_f = 1.0 / colsum.sum(0).clamp_min(cm.LOG_EPS)
     target = torch.empty_like(q)
-    _dec_target_fwd_kernel[(programs,)](q, inv_f, target, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype),
-                                        BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_dec_target_fwd_kernel, programs, q, inv_f, target, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     return target
 
 
@@ -156,10 +156,9 @@ def kl_div_fwd(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """-> KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik), 0-dim in q's dtype."""
     target, q = target.contiguous(), q.contiguous()
     acc = cm.acc_dtype(q.dtype)
-    blk_n, blk_k, tiles, programs = _row_tiles(q)
+    blocks, tiles, programs = _row_tiles(q)
     sums = torch.zeros(programs, dtype=acc, device=q.device)
-    _kl_div_fwd_kernel[(programs,)](target, q, sums, q.shape[0], q.shape[1], tiles, ACC=cm.tl_acc(q.dtype),
-                                    BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_kl_div_fwd_kernel, programs, target, q, sums, q.shape[0], q.shape[1], tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     return (sums.sum() / q.shape[0]).to(q.dtype)
 
 
@@ -176,7 +175,7 @@ def kl_div_bwd(grad_out: torch.Tensor, target: torch.Tensor, q: torch.Tensor) ->
     scale = (grad_out.to(acc) / q.shape[0]).reshape(())
     grad = torch.empty_like(q)
     block = 4096
-    _kl_div_bwd_kernel[(triton.cdiv(q.numel(), block),)](target, q, scale, grad, q.numel(),
+    cm.launch(_kl_div_bwd_kernel, triton.cdiv(q.numel(), block), target, q, scale, grad, q.numel(),
                                                          ACC=cm.tl_acc(q.dtype), BLOCK=block)
     return grad
 
