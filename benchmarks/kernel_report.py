@@ -32,8 +32,6 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the report compiles; it never interprets
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -52,8 +50,9 @@ REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 FULL = dict(dtypes=["fp32", "fp64", "bf16"], ks=[2, 10, 100, 300, 1000, 4096], ds=[10, 64, 128, 512],
             groups=[2, 100], deterministic=[False, True])
-# make test's subset: the shapes the issue found over the limits, in the dtype most used
-QUICK = dict(dtypes=["fp32"], ks=[10, 300, 4096], ds=[128], groups=[2], deterministic=[False, True])
+# make test's subset, float32: one K tile (K = 10) and K-tiled (K = 1000: several tiles for the
+# row kernels, and the same kernels as K = 300, the issue's case, for the dot kernels at D = 128)
+QUICK = dict(dtypes=["fp32"], ks=[10, 1000], ds=[128], groups=[2], deterministic=[False, True])
 ROWS = 1 << 20   # N of the report's launches (only the grid depends on it: N is not specialised)
 GROUP_BYTES = 8  # int64 groups, torch's default integer dtype
 
@@ -217,8 +216,9 @@ def row_bytes(name, cx, dtype, k, d):
     s = torch.empty((), dtype=DTYPES[dtype]).element_size()
     a = 8 if dtype == "fp64" else 4
     g = GROUP_BYTES
-    passes = 1 if cx.get("SINGLE_K_TILE", True) else 2
-    lse_io = 0 if cx.get("RECOMPUTE_LSE", False) else a
+    single = cx.get("SINGLE_K_TILE", True)
+    passes = 1 if single else 2
+    lse_io = 0 if single else a  # one K tile: the backward recomputes the row logsumexp
     if name == "_fcmi_fwd_kernel":
         return passes * k * s + g + lse_io
     if name == "_fcmi_bwd_kernel":
@@ -325,9 +325,10 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="*", choices=list(OPS), help="only these ops")
     parser.add_argument("--ks", nargs="*", type=int, help="only these K")
     parser.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="only these dtypes")
+    parser.add_argument("--groups", nargs="*", type=int, help="only these T")
     args = parser.parse_args(argv)
     grid = dict(QUICK if args.quick else FULL, ops=args.ops)
-    grid.update({key: value for key, value in (("ks", args.ks), ("dtypes", args.dtypes)) if value})
+    grid.update({key: value for key, value in (("ks", args.ks), ("dtypes", args.dtypes), ("groups", args.groups)) if value})
     rows = build_rows(grid, args.jobs)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
@@ -346,4 +347,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # the report compiles and never interprets: triton.jit must build JITFunctions, so this is
+    # unset before fairkernels' kernels are imported (they are imported lazily, above)
+    os.environ.pop("TRITON_INTERPRET", None)
     sys.exit(main())

@@ -91,7 +91,9 @@ def _warps(tile_elements: int, dtype: torch.dtype) -> int:
 def row_config(num_cols: int, dtype: torch.dtype) -> RowConfig:
     """Row kernels over an [N, K] matrix (fcmi, histogram, DFC): BLOCK_K covers K up to
     MAX_BLOCK_K, BLOCK_N fills TILE_ELEMENTS (at least MIN_DOT rows for the one-hot dot)."""
-    blk_k = max(MIN_DOT, min(triton.next_power_of_2(num_cols), MAX_BLOCK_K))
+    # float64 tiles hold half the elements: each takes two registers
+    max_k = MAX_BLOCK_K // 2 if dtype == torch.float64 else MAX_BLOCK_K
+    blk_k = max(MIN_DOT, min(triton.next_power_of_2(num_cols), max_k))
     if num_cols > blk_k:
         # streamed K tiles: the loop also keeps the online-lse state and table updates live
         blk_k = max(MIN_DOT, blk_k // 2)
@@ -276,14 +278,16 @@ def joint_tile(values, groups, row_mask, t_start, BLOCK_T: tl.constexpr):
 @triton.jit
 def add_joint_tile(JOINT_slot, values, groups, row_mask, offs_k, k_mask, K, T,
                    BLOCK_T: tl.constexpr, ATOMIC: tl.constexpr):
-    """J[t, k] += sum_{rows i of this tile with g_i = t} values[i, k] for every group tile
-    present in this row tile (T > BLOCK_T or K tiled: the joint does not fit registers)."""
+    """J[t, k] += sum_{rows i of this tile with g_i = t} values[i, k] for the groups present in
+    this row tile (T > BLOCK_T or K tiled: the joint does not fit registers). Branch-free: a
+    data-dependent branch around the dot made ptxas spill."""
     for t_start in range(0, T, BLOCK_T):
         onehot, offs_t = group_onehot(groups, row_mask, t_start, BLOCK_T)
-        if tl.max(onehot.to(tl.int32)) > 0:
-            counts = tl.dot(onehot.to(values.dtype), values, input_precision="ieee")
-            add_to_table(JOINT_slot + offs_t.to(tl.int64)[:, None] * K + offs_k[None, :], counts,
-                         (offs_t < T)[:, None] & k_mask[None, :], ATOMIC)
+        counts = tl.dot(onehot.to(values.dtype), values, input_precision="ieee")
+        # group tiles absent from this row tile add nothing: masked off, no memory traffic
+        present = tl.sum(onehot.to(tl.int32), axis=1) > 0
+        add_to_table(JOINT_slot + offs_t.to(tl.int64)[:, None] * K + offs_k[None, :], counts,
+                     (present & (offs_t < T))[:, None] & k_mask[None, :], ATOMIC)
 
 
 @triton.jit

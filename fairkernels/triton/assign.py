@@ -26,7 +26,9 @@ import triton.language as tl
 from fairkernels.ops import torch_kernels
 from fairkernels.triton import _common as cm
 
-_ROWS = ["N", "num_row_tiles"]
+# N and the tile count change with every batch; K is not specialised either (its 16-divisibility
+# only changed ptxas's register choices: K = 4096 spilled where K = 300 did not).
+_ROWS = ["N", "num_row_tiles", "K"]
 
 
 @triton.jit
@@ -243,13 +245,23 @@ def _centred(centers, acc, student_t, operand_dtype):
     return mean.contiguous(), shifted.to(operand_dtype).contiguous(), shifted.t().contiguous()
 
 
+def _bwd_warps(cfg, student_t):
+    """The backward holds x, its gradient and the centre tile at once: twice dot_config's warps,
+    except the K-tiled Student-t loop (whose direct-difference distances ptxas then squeezed
+    into 64 registers with spills). Chosen from benchmarks/kernel_report.py at D = 128."""
+    if student_t and not cfg.single:
+        return cfg.num_warps
+    return min(cm.MAX_WARPS, 2 * cfg.num_warps)
+
+
 def _launch_args(x, centers, student_t, partial_size=0):
     cfg = cm.dot_config(centers.shape[0], x.shape[1], x.dtype)
     tiles = triton.cdiv(x.shape[0], cfg.block_n)
     programs = cm.num_programs(tiles, x.device, partial_size, deterministic=partial_size > 0)
     meta = dict(STUDENT_T=student_t, DIRECT=student_t and x.dtype in (torch.float32, torch.float64),
                 ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+                num_warps=_bwd_warps(cfg, student_t) if partial_size else cfg.num_warps)
     return cfg, tiles, programs, meta
 
 

@@ -14,6 +14,15 @@ from fairkernels.triton import _common as cm
 _ROWS = ["N", "num_row_tiles"]
 
 
+@triton.jit
+def _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of a contiguous [N, K] matrix: (values, row ptrs, rows, masks)."""
+    rows, row_mask = cm.row_tile(tile, N, BLOCK_N)
+    offs_k, k_mask = cm.col_tile(k_start, K, BLOCK_K)
+    ROW_ptrs = Q_ptr + rows[:, None] * K
+    return cm.load_rows(ROW_ptrs, offs_k, row_mask, k_mask, 0.0, ACC), offs_k, k_mask, row_mask, rows
+
+
 @triton.jit(do_not_specialize=_ROWS)
 def _dec_target_colsum_kernel(
     Q_ptr,            # q [N, K] contiguous
@@ -24,19 +33,12 @@ def _dec_target_colsum_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """f_k = sum_i q_ik  (SPEC 4), one partial row per program."""
-    pid = tl.program_id(0)
-    COLSUM_slot = COLSUM_ptr + pid.to(tl.int64) * K
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n.to(tl.int64)
+    """f_k = sum_i q_ik  (SPEC 4), one partial row per program (private slot: deterministic)."""
+    COLSUM_slot = cm.slot(COLSUM_ptr, K, False)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :],
-                        mask=(offs_n < N)[:, None] & k_mask[None, :], other=0.0).to(ACC)
-            tl.store(COLSUM_slot + offs_k, tl.load(COLSUM_slot + offs_k, mask=k_mask, other=0.0)
-                     + tl.sum(q, axis=0), mask=k_mask)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            cm.add_to_table(COLSUM_slot + offs_k, tl.sum(q, axis=0), k_mask, False)
 
 
 @triton.jit(do_not_specialize=_ROWS)
@@ -51,26 +53,18 @@ def _dec_target_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """p_ik = w_ik / max(sum_k' w_ik', eps),  w_ik = q_ik^2 / max(f_k, eps)  (SPEC 4)."""
-    pid = tl.program_id(0)
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < N
-        rows = offs_n.to(tl.int64)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         row_sum = tl.zeros([BLOCK_N], dtype=ACC)
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (offs_k < K)[None, :]
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
-            inv_f = tl.load(INV_F_ptr + offs_k, mask=offs_k < K, other=0.0)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            inv_f = tl.load(INV_F_ptr + offs_k, mask=k_mask, other=0.0)
             row_sum += tl.sum(q * q * inv_f[None, :], axis=1)
         inv_row = 1.0 / tl.maximum(row_sum, cm.eps_of(ACC))
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (offs_k < K)[None, :]
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
-            inv_f = tl.load(INV_F_ptr + offs_k, mask=offs_k < K, other=0.0)
-            target = q * q * inv_f[None, :] * inv_row[:, None]
-            tl.store(P_ptr + rows[:, None] * K + offs_k[None, :], target.to(P_ptr.dtype.element_ty), mask=mask)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            inv_f = tl.load(INV_F_ptr + offs_k, mask=k_mask, other=0.0)
+            cm.store_rows(P_ptr + rows[:, None] * K, offs_k, row_mask, k_mask,
+                          q * q * inv_f[None, :] * inv_row[:, None])
 
 
 @triton.jit(do_not_specialize=_ROWS)
@@ -85,21 +79,15 @@ def _kl_div_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """sum_ik p_ik log(p_ik / q_ik) with 0 log 0 = 0 and q floored at eps (SPEC 4)."""
-    pid = tl.program_id(0)
     total = tl.zeros([BLOCK_N], dtype=ACC)
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n.to(tl.int64)
+    eps = cm.eps_of(ACC)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-            ptrs = rows[:, None] * K + offs_k[None, :]
-            p = tl.load(T_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-            q = tl.load(Q_ptr + ptrs, mask=mask, other=1.0).to(ACC)
-            eps = cm.eps_of(ACC)
+            p, offs_k, k_mask, row_mask, rows = _row_tile_loads(T_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            q = cm.load_rows(Q_ptr + rows[:, None] * K, offs_k, row_mask, k_mask, 1.0, ACC)
             terms = tl.where(p > 0, p * tl.log(tl.maximum(p, eps)), 0.0) - p * tl.log(tl.maximum(q, eps))
             total += tl.sum(terms, axis=1)
-    tl.store(SUM_ptr + pid, tl.sum(total))
+    tl.store(SUM_ptr + tl.program_id(0), tl.sum(total))
 
 
 @triton.jit(do_not_specialize=["numel"])

@@ -39,7 +39,7 @@ def _kmeans_assign_kernel(
         x_sq = tl.sum(x * x, axis=1)
         x_dot = x.to(DOT)
         best_dist = tl.full([BLOCK_N], float("inf"), dtype=ACC)
-        best_label = tl.zeros([BLOCK_N], dtype=tl.int64)
+        best_label = tl.zeros([BLOCK_N], dtype=tl.int32)  # widened at the store: fewer registers
         for k_start in range(0, K, BLOCK_K):
             offs_k, k_mask = cm.col_tile(k_start, K, BLOCK_K)
             centers = cm.load_rows(C_ptr + offs_k.to(tl.int64)[:, None] * D, offs_d, k_mask, d_mask, 0.0, ACC)
@@ -47,11 +47,11 @@ def _kmeans_assign_kernel(
             dist = x_sq[:, None] + tl.sum(centers * centers, axis=1)[None, :] - 2.0 * dots
             dist = tl.where(k_mask[None, :], tl.maximum(dist, 0.0), float("inf"))
             tile_min = tl.min(dist, axis=1)
-            tile_label = tl.min(tl.where(dist == tile_min[:, None], offs_k[None, :], K), axis=1).to(tl.int64)
+            tile_label = tl.min(tl.where(dist == tile_min[:, None], offs_k[None, :], K), axis=1)
             better = tile_min < best_dist  # strict: an earlier tile wins ties
             best_label = tl.where(better, tile_label, best_label)
             best_dist = tl.where(better, tile_min, best_dist)
-        tl.store(LABEL_ptr + rows, best_label, mask=row_mask)
+        tl.store(LABEL_ptr + rows, best_label.to(tl.int64), mask=row_mask)
         tl.store(DIST_ptr + rows, best_dist, mask=row_mask)
 
 
@@ -65,6 +65,8 @@ def kmeans_assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor,
     num_rows, dim = x.shape
     num_cols = centers.shape[0]
     acc = cm.acc_dtype(x.dtype)
+    # warps: half dot_config's for one K tile, twice for the K-tiled loop, where dot_config's
+    # spilled a few bytes (benchmarks/kernel_report.py at D = 128)
     cfg = cm.dot_config(num_cols, dim, x.dtype)
     tiles = triton.cdiv(num_rows, cfg.block_n)
     mean = centers.to(acc).mean(0)
@@ -73,7 +75,8 @@ def kmeans_assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor,
     cm.launch(_kmeans_assign_kernel, cm.num_programs(tiles, x.device), x, x.stride(0), mean,
               (centers.to(acc) - mean).to(x.dtype).contiguous(), labels, dists, num_rows, num_cols, dim, tiles,
               ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=cfg.block_n,
-              BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+              BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+              num_warps=max(4, cfg.num_warps // 2) if cfg.single else min(cm.MAX_WARPS, 2 * cfg.num_warps))
     return labels, dists
 
 
