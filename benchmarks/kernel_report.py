@@ -15,7 +15,8 @@ reserved per block, registers allocated per warp in units of 256), global atomic
 (`atom.global` / `red.global` instructions: a count of sites, not of executions), and the byte
 model: DRAM bytes per row the kernel moves (row_bytes below) against the floor of its op.
 
-Usage: python benchmarks/kernel_report.py [--quick] [--csv PATH] [--jobs N]
+Usage: python benchmarks/kernel_report.py [--quick] [--csv PATH] [--jobs N] [--ops ...] [--ks ...]
+       python benchmarks/kernel_report.py --summary PATH.csv ...   (the README table)
 Exit status 1 when a shipped config needs more than 227 KB of shared memory or spills.
 """
 from __future__ import annotations
@@ -317,6 +318,29 @@ def problems(rows):
     return bad
 
 
+def summary(rows):
+    """Markdown table, one line per (op, dtype): the worst case over its K / D / T / modes."""
+    lines = ["| op | dtype | kernels | max registers | spill bytes | max shared KB | min blocks/SM "
+             "| bytes/floor K=10 | bytes/floor K=1000 |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["op"], r["dtype"]) for r in rows}, key=lambda key: (list(OPS).index(key[0]), key[1]))
+    for op, dtype in keys:
+        group = [r for r in rows if (r["op"], r["dtype"]) == (op, dtype)]
+
+        def ratio(k):
+            vals = [float(r["op_bytes_ratio"]) for r in group if int(r["K"]) == k]
+            return f"{max(vals):.2f}" if vals else "-"
+        lines.append(f"| {op} | {dtype} | {len({r['kernel'] for r in group})} "
+                     f"| {max(int(r['registers']) for r in group)} | {sum(int(r['spill_bytes']) for r in group)} "
+                     f"| {max(float(r['shared_kb']) for r in group):.1f} "
+                     f"| {min(int(r['blocks_per_sm']) for r in group)} | {ratio(10)} | {ratio(1000)} |")
+    return "\n".join(lines)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the subset make test runs")
@@ -326,7 +350,11 @@ def main(argv=None):
     parser.add_argument("--ks", nargs="*", type=int, help="only these K")
     parser.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="only these dtypes")
     parser.add_argument("--groups", nargs="*", type=int, help="only these T")
+    parser.add_argument("--summary", nargs="*", type=Path, help="print the markdown summary of these CSVs")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary([row for path in args.summary for row in _read_csv(path)]))
+        return 0
     grid = dict(QUICK if args.quick else FULL, ops=args.ops)
     grid.update({key: value for key, value in (("ks", args.ks), ("dtypes", args.dtypes), ("groups", args.groups)) if value})
     rows = build_rows(grid, args.jobs)

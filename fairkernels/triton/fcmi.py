@@ -356,6 +356,15 @@ def _lse_rows(num_rows, num_cols, dim=None):
     return 0 if cfg.single else num_rows
 
 
+def _fwd_warps(cfg, num_groups):
+    """Twice row_config's warps for a one-tile row whose joint is not in registers (T > BLOCK_T,
+    group tiles looped per row tile): with 8 warps at K = 100, ptxas spilled 20 bytes
+    (benchmarks/kernel_report.py)."""
+    if cfg.single and num_groups > cm.BLOCK_T:
+        return min(cm.MAX_WARPS, 2 * cfg.num_warps)
+    return cfg.num_warps
+
+
 @torch.library.custom_op("fairkernels::triton_fcmi_fwd", mutates_args=())
 def fcmi_fwd(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -371,7 +380,7 @@ def fcmi_fwd(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
               num_rows, num_cols, num_groups, tiles,
               ACC=cm.tl_acc(logits.dtype), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=cm.BLOCK_T,
               SINGLE_K_TILE=cfg.single, REG_JOINT=cfg.single and num_groups <= cm.BLOCK_T,
-              ATOMIC=not deterministic, num_warps=cfg.num_warps)
+              ATOMIC=not deterministic, num_warps=_fwd_warps(cfg, num_groups))
     # fixed-order reduction of the per-program slots (a no-op view in atomic mode)
     return lse, joint.sum(0), ent.sum()
 
