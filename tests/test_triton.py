@@ -529,3 +529,17 @@ class TestGPU:
         loss = compiled(x)
         loss.backward()
         assert torch.allclose(loss, step(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [200, 300, 600])
+def test_fcmi_fake_lse_shape_matches_the_kernel(dtype, k):
+    """The lse is empty exactly when the launcher puts the row in one K tile (float64 tiles are
+    half as wide), and the fake must agree with the real op for torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    logits, groups = _data(3, k, 2, dtype)
+    real = _triton().fcmi_fwd(logits, groups, 2, False)[0].shape
+    with FakeTensorMode():
+        fake = torch.ops.fairkernels.triton_fcmi_fwd(torch.empty(3, k, dtype=dtype), torch.zeros(3, dtype=torch.int64),
+                                                     2, False)[0].shape
+    assert real == fake

@@ -350,9 +350,9 @@ def _stats_buffers(num_rows, num_groups, num_cols, acc, device, slots, single):
             torch.zeros(slots, dtype=acc, device=device))
 
 
-def _lse_rows(num_rows, num_cols, dim=None):
+def _lse_rows(num_rows, num_cols, dtype, dim=None):
     """Rows of the lse the forward returns: 0 when the backward recomputes it (one K tile)."""
-    cfg = cm.row_config(num_cols, torch.float32) if dim is None else cm.dot_config(num_cols, dim, torch.float32)
+    cfg = cm.row_config(num_cols, dtype) if dim is None else cm.dot_config(num_cols, dim, dtype)
     return 0 if cfg.single else num_rows
 
 
@@ -388,7 +388,7 @@ def fcmi_fwd(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
 @fcmi_fwd.register_fake
 def _(logits, groups, num_groups, deterministic=False):
     acc = cm.acc_dtype(logits.dtype)
-    return (logits.new_empty(_lse_rows(*logits.shape), dtype=acc),
+    return (logits.new_empty(_lse_rows(*logits.shape, logits.dtype), dtype=acc),
             logits.new_empty(num_groups, logits.shape[1], dtype=acc), logits.new_empty((), dtype=acc))
 
 
@@ -465,9 +465,9 @@ _raw_fcmi_bwd = fcmi_bwd._init_fn
 
 
 def _emb_lse_rows(h, centers):
-    if h.shape[1] > cm.MAX_BLOCK_D:
-        return _lse_rows(h.shape[0], centers.shape[0])
-    return _lse_rows(h.shape[0], centers.shape[0], h.shape[1])
+    if h.shape[1] > cm.MAX_BLOCK_D:  # fcmi_fwd on float32/float64 logits of the row chunks
+        return _lse_rows(h.shape[0], centers.shape[0], cm.acc_dtype(h.dtype))
+    return _lse_rows(h.shape[0], centers.shape[0], h.dtype, h.shape[1])
 
 
 @fcmi_emb_fwd.register_fake
