@@ -28,8 +28,10 @@ TILE_ELEMENTS = 2048
 # the tiled path.
 MAX_BLOCK_K = 512
 # Largest feature tile of the embedding kernels (whole rows of h / z stay in registers); wider
-# inputs take the fallback named in each launcher.
-MAX_BLOCK_D = 512
+# inputs take the fallback named in each launcher. kernel_report.py found D = 512 (and float64
+# beyond D = 32) spilling or over the shared memory limit: see max_block_d.
+MAX_BLOCK_D = 128
+MAX_BLOCK_D_FP64 = 32
 # Elements of a [BLOCK_K, BLOCK_D] centres tile (a tl.dot operand, staged through shared memory):
 # K is tiled so that the operand stays far below the 227 KB per block whatever K is.
 DOT_TILE_ELEMENTS = 2048
@@ -106,9 +108,15 @@ def dot_config(num_cols: int, num_features: int, dtype: torch.dtype) -> RowConfi
     k-means): whole rows of x ([BLOCK_N, BLOCK_D]) stay in registers, the centres are read in
     [BLOCK_K, BLOCK_D] tiles of at most DOT_TILE_ELEMENTS."""
     blk_d = max(MIN_DOT, triton.next_power_of_2(num_features))
-    blk_k = max(MIN_DOT, min(triton.next_power_of_2(num_cols), MAX_BLOCK_K, DOT_TILE_ELEMENTS // blk_d))
+    dot_tile = DOT_TILE_ELEMENTS // (2 if dtype == torch.float64 else 1)
+    blk_k = max(MIN_DOT, min(triton.next_power_of_2(num_cols), MAX_BLOCK_K, dot_tile // blk_d))
     blk_n = max(MIN_DOT, min(64, TILE_ELEMENTS // max(blk_k, blk_d)))
     return RowConfig(blk_n, blk_k, blk_d, _warps(blk_n * max(blk_k, blk_d), dtype), num_cols <= blk_k)
+
+
+def max_block_d(dtype: torch.dtype) -> int:
+    """Widest feature dim the fused embedding / assignment / k-means kernels take for this dtype."""
+    return min(MAX_BLOCK_D, MAX_BLOCK_D_FP64) if dtype == torch.float64 else MAX_BLOCK_D
 
 
 def max_programs(device: torch.device) -> int:

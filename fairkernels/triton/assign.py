@@ -13,7 +13,7 @@ values on tensor cores (their own rounding, 4e-3 for bfloat16, dominates its err
 The gradients use the centred values too: dL/dz_i = 2 (sum_k c_ik z'_i - sum_k c_ik mu'_k).
 
 Center gradients are summed per program into private slots and reduced in a fixed order:
-deterministic, P x K x (D + 1) extra floats. Feature dims above _common.MAX_BLOCK_D fall back to
+deterministic, P x K x (D + 1) extra floats. Feature dims above _common.max_block_d fall back to
 the plain-torch kernels.
 """
 from __future__ import annotations
@@ -297,7 +297,7 @@ def _assign_bwd(grad_q, q, x, centers_in, param, student_t):
 @torch.library.custom_op("fairkernels::triton_student_t_fwd", mutates_args=())
 def student_t_fwd(z: torch.Tensor, centers: torch.Tensor, alpha: float) -> torch.Tensor:
     """-> q [N, K] in z's dtype (SPEC 1.1)."""
-    if z.shape[1] > cm.MAX_BLOCK_D:
+    if z.shape[1] > cm.max_block_d(z.dtype):
         return torch_kernels.student_t_fwd(z, centers, alpha)
     return _assign_fwd(z, centers, alpha, True)
 
@@ -311,7 +311,7 @@ def _(z, centers, alpha):
 def student_t_bwd(grad_q: torch.Tensor, q: torch.Tensor, z: torch.Tensor, centers: torch.Tensor,
                   alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_z, grad_centers) by SPEC 1.1: dL/dmu_k = -2 (sum_i coef_ik z'_i - colsum_k mu'_k)."""
-    if z.shape[1] > cm.MAX_BLOCK_D:
+    if z.shape[1] > cm.max_block_d(z.dtype):
         return torch_kernels.student_t_bwd(grad_q, q, z, centers, alpha)
     grad_z, coef_z, colsum, shifted = _assign_bwd(grad_q, q, z, centers, alpha, True)
     grad_centers = -2.0 * (coef_z - colsum[:, None] * shifted)
@@ -331,7 +331,7 @@ def _unit(x, acc):
 @torch.library.custom_op("fairkernels::triton_cosine_fwd", mutates_args=())
 def cosine_fwd(h: torch.Tensor, centers: torch.Tensor, tau: float) -> torch.Tensor:
     """-> c [N, K] in h's dtype (SPEC 1.2); centers normalised on the host (O(K d)), h in-kernel."""
-    if h.shape[1] > cm.MAX_BLOCK_D:
+    if h.shape[1] > cm.max_block_d(h.dtype):
         return torch_kernels.cosine_fwd(h, centers, tau)
     units = _unit(centers, cm.acc_dtype(h.dtype)).to(h.dtype)
     return _assign_fwd(h, units, 1.0 / tau, False)
@@ -346,7 +346,7 @@ def _(h, centers, tau):
 def cosine_bwd(grad_c: torch.Tensor, c: torch.Tensor, h: torch.Tensor, centers: torch.Tensor,
                tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_h, grad_centers) (SPEC 1.2), the center gradient chained through u / ||u|| on the host."""
-    if h.shape[1] > cm.MAX_BLOCK_D:
+    if h.shape[1] > cm.max_block_d(h.dtype):
         return torch_kernels.cosine_bwd(grad_c, c, h, centers, tau)
     acc = cm.acc_dtype(h.dtype)
     units_acc = _unit(centers, acc)

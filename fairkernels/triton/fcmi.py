@@ -421,7 +421,7 @@ def _unit_centers(centers, acc):
 
 
 def _wide_logits(h, units, tau):
-    """Row chunks of cos(h, u) / tau for feature dims above MAX_BLOCK_D (bounded memory)."""
+    """Row chunks of cos(h, u) / tau for feature dims above _common.max_block_d (bounded memory)."""
     step = max(1, (1 << 22) // units.shape[0])
     for start in range(0, h.shape[0], step):
         stop = min(start + step, h.shape[0])
@@ -435,12 +435,12 @@ def fcmi_emb_fwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, n
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (lse [N] or [0], joint [T, K], ent_sum []) of softmax(cos(h, centers) / tau); N x K
     never stored. Centers are normalised on the host (O(K d)), rows of h in the kernel. Feature
-    dims above _common.MAX_BLOCK_D compute the logits in row chunks and run fcmi_fwd on each."""
+    dims above _common.max_block_d compute the logits in row chunks and run fcmi_fwd on each."""
     h, centers, groups = h.contiguous(), centers.contiguous(), groups.contiguous()
     acc = cm.acc_dtype(h.dtype)
     num_rows, dim = h.shape
     num_cols = centers.shape[0]
-    if dim > cm.MAX_BLOCK_D:
+    if dim > cm.max_block_d(h.dtype):
         stats = [_raw_fcmi_fwd(logits, groups[a:b], num_groups, deterministic)
                  for a, b, _, logits in _wide_logits(h, _unit_centers(centers, acc), tau)]
         return (torch.cat([s[0] for s in stats]), torch.stack([s[1] for s in stats]).sum(0),
@@ -465,7 +465,7 @@ _raw_fcmi_bwd = fcmi_bwd._init_fn
 
 
 def _emb_lse_rows(h, centers):
-    if h.shape[1] > cm.MAX_BLOCK_D:  # fcmi_fwd on float32/float64 logits of the row chunks
+    if h.shape[1] > cm.max_block_d(h.dtype):  # fcmi_fwd on float32/float64 logits of the row chunks
         return _lse_rows(h.shape[0], centers.shape[0], cm.acc_dtype(h.dtype))
     return _lse_rows(h.shape[0], centers.shape[0], h.dtype, h.shape[1])
 
@@ -493,7 +493,7 @@ def fcmi_emb_bwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, l
     table = table.to(acc).contiguous()
     logc_coef = logc_coef.to(acc).reshape(())
     grad_h = torch.empty_like(h)
-    if dim > cm.MAX_BLOCK_D:
+    if dim > cm.max_block_d(h.dtype):
         grad_units = torch.zeros_like(units_acc)
         for a, b, h_unit, logits in _wide_logits(h, units_acc, tau):
             lse_rows = lse[a:b] if lse.numel() else lse

@@ -57,9 +57,9 @@ def _kmeans_assign_kernel(
 
 @torch.library.custom_op("fairkernels::triton_kmeans_assign", mutates_args=())
 def kmeans_assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (labels [N] int64, min_sq_dist [N] acc). Feature dims above _common.MAX_BLOCK_D use
+    """-> (labels [N] int64, min_sq_dist [N] acc). Feature dims above _common.max_block_d use
     the plain-torch kernel."""
-    if x.shape[1] > cm.MAX_BLOCK_D:
+    if x.shape[1] > cm.max_block_d(x.dtype):
         return torch_kernels.kmeans_assign(x, centers)
     x = x.contiguous()
     num_rows, dim = x.shape
