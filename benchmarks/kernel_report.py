@@ -274,12 +274,15 @@ def build_rows(grid, jobs=1, log=print):
     classes = list(_shape_classes(grid))
     plans, unique = [], {}
     for shape in classes:
-        kernels = []
+        kernels, seen = [], set()
         for kernel, args, kwargs in record_launches(*shape):
             signature, constexprs, attrs, options = launch_spec(kernel, args, kwargs)
             job = (kernel.fn.__module__, kernel.fn.__name__, signature, constexprs, attrs, options)
             key = hashlib.sha256(repr(job).encode()).hexdigest()
             unique.setdefault(key, job)
+            if key in seen:  # a fallback's row chunks launch the same kernel again: one row each
+                continue
+            seen.add(key)
             cx = {kernel.arg_names[p[0]]: v for p, v in constexprs.items()}
             kernels.append((kernel.fn.__name__, cx, key))
         plans.append((shape, kernels))
