@@ -54,6 +54,16 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def _assert_stats_match(got, want, single_tile, atol):
+    """(lse, joint, ent) against the interface's; lse is empty when the row fits one K tile
+    (the backward recomputes it)."""
+    assert got[0].numel() == (0 if single_tile else want[0].numel())
+    pairs = list(zip(got, want)) if not single_tile else list(zip(got[1:], want[1:]))
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _max_err(a, b) <= atol * max(1.0, b.abs().max().item())
+
+
 # --------------------------------------------------------------------------- fcmi from logits
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("n,k,t", [(1, 1, 1), (37, 5, 3), (70, 40, 5)])
@@ -62,9 +72,7 @@ def test_fcmi_kernels_match_interface(small_blocks, dtype, atol, n, k, t, determ
     logits, groups = _data(n, k, t, dtype)
     lse, joint, ent = _triton().fcmi_fwd(logits, groups, t, deterministic)
     want = tk.fcmi_fwd(logits, groups, t)
-    for got, exp in zip((lse, joint, ent), want):
-        assert got.dtype == exp.dtype and got.shape == exp.shape
-        assert _max_err(got, exp) <= atol * max(1.0, exp.abs().max().item())
+    _assert_stats_match((lse, joint, ent), want, k <= 16, atol)
     gen = torch.Generator().manual_seed(1)
     table = torch.randn(t, k, generator=gen, dtype=lse.dtype).to(DEVICE)
     coef = torch.tensor(0.37, dtype=lse.dtype, device=DEVICE)
@@ -80,8 +88,7 @@ def test_fcmi_large_num_groups_and_group_dtypes(group_dtype):
     logits, groups = _data(64, 6, 300, torch.float32, group_dtype=group_dtype)
     for deterministic in (False, True):
         got = _triton().fcmi_fwd(logits, groups, 300, deterministic)
-        for a, b in zip(got, tk.fcmi_fwd(logits, groups, 300)):
-            assert _max_err(a, b) <= 1e-5
+        _assert_stats_match(got, tk.fcmi_fwd(logits, groups, 300), True, 1e-5)
 
 
 def test_fcmi_loss_public_op_matches_reference(small_blocks):
@@ -142,8 +149,7 @@ def test_fcmi_embedding_kernels_match_chunked_path(small_blocks, dtype, atol, de
     groups = torch.randint(0, 3, (45,), generator=gen).to(DEVICE)
     got = _triton().fcmi_emb_fwd(h, centers, groups, 3, 0.3, deterministic)
     want = fcmi_ops._chunked_emb_fwd(tk, h, centers, groups, 3, 0.3, deterministic)
-    for a, b in zip(got, want):
-        assert a.dtype == b.dtype and _max_err(a, b) <= 10 * atol * max(1.0, b.abs().max().item())
+    _assert_stats_match(got, want, False, 10 * atol)  # K = 21 > 16: K-tiled, lse saved
     table = torch.randn(3, 21, generator=gen, dtype=got[0].dtype).to(DEVICE)
     coef = torch.tensor(0.2, dtype=got[0].dtype, device=DEVICE)
     grads = _triton().fcmi_emb_bwd(h, centers, groups, got[0], table, coef, 0.3, deterministic)
@@ -202,6 +208,72 @@ def test_assign_gradcheck_float64(small_blocks):
     centers = torch.randn(18, 3, generator=gen, dtype=torch.float64).requires_grad_()
     assert _gradcheck(lambda a, b: fk.student_t_assign(a, b, 2.0, backend="triton"), (z, centers))
     assert _gradcheck(lambda a, b: fk.cosine_assign(a, b, 0.5, backend="triton"), (z, centers))
+
+
+def _offset_clusters(norm, n=24, k=5, d=6, seed=13):
+    """Points and centres in tight clusters around a common offset of the given norm: the
+    case where |z|^2 + |mu|^2 - 2 z.mu cancels in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = torch.randn(d, generator=gen, dtype=torch.float64)
+    offset = offset / offset.norm() * norm
+    centers = offset + 3.0 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    z = centers[torch.randint(0, k, (n,), generator=gen)] + torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return z, centers
+
+
+def _direct_student_t(z, centers, alpha):
+    dist = ((z[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    return torch.softmax(-(alpha + 1.0) / 2.0 * torch.log1p(dist / alpha), dim=1)
+
+
+@pytest.mark.parametrize("norm", [30.0, 300.0, 1000.0])
+def test_student_t_float32_accuracy_far_from_the_origin(norm):
+    """docs/math.md §1.1: float32 q within 1e-5 relative of float64 direct differences at norms <= 10^3,
+    where the float32 expansion is off by far more from norm ~300 on."""
+    z, centers = _offset_clusters(norm)
+    want = _direct_student_t(z, centers, 1.0)
+    q = _triton().student_t_fwd(z.float().to(DEVICE), centers.float().to(DEVICE), 1.0)
+    assert _max_err(q, want) <= 1e-5 * want.abs().max().item()
+    if norm >= 300:
+        expansion = reference.student_t_assign(z.float(), centers.float(), 1.0)
+        assert _max_err(expansion, want) > 1e-4, "the data must be hard for the expansion"
+    # the gradient uses centred values too: compare with float64 autograd
+    gen = torch.Generator().manual_seed(14)
+    grad_q = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    z64, c64 = z.clone().requires_grad_(), centers.clone().requires_grad_()
+    _direct_student_t(z64, c64, 1.0).backward(grad_q)
+    grad_z, grad_c = _triton().student_t_bwd(grad_q.float(), q, z.float(), centers.float(), 1.0)
+    for got, exp in ((grad_z, z64.grad), (grad_c, c64.grad)):
+        assert _max_err(got, exp) <= 1e-4 * max(1.0, exp.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_student_t_k_tiled_matches_interface(small_blocks, dtype, atol):
+    """K = 40 > 16: the direct-difference distances and centre sums over several K tiles."""
+    gen = torch.Generator().manual_seed(15)
+    z = (torch.randn(30, 5, generator=gen, dtype=torch.float64) * 4).to(dtype).to(DEVICE)
+    centers = (torch.randn(40, 5, generator=gen, dtype=torch.float64) * 4).to(dtype).to(DEVICE)
+    grad_q = torch.randn(30, 40, generator=gen, dtype=dtype).to(DEVICE)
+    q = _triton().student_t_fwd(z, centers, 2.0)
+    assert _max_err(q, tk.student_t_fwd(z, centers, 2.0)) <= atol
+    for a, b in zip(_triton().student_t_bwd(grad_q, q, z, centers, 2.0), tk.student_t_bwd(grad_q, q, z, centers, 2.0)):
+        assert _max_err(a, b) <= 10 * atol * max(1.0, b.abs().max().item())
+
+
+def test_deterministic_partials_are_bitwise_repeatable(small_blocks):
+    """Private slots (deterministic=True) for the K-tiled joint and centre gradients."""
+    gen = torch.Generator().manual_seed(16)
+    h = torch.randn(70, 6, generator=gen).to(DEVICE)
+    centers = torch.randn(21, 6, generator=gen).to(DEVICE)
+    groups = torch.randint(0, 20, (70,), generator=gen).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        stats = _triton().fcmi_emb_fwd(h, centers, groups, 20, 0.2, True)
+        table = torch.ones(20, 21, device=DEVICE)
+        grads = _triton().fcmi_emb_bwd(h, centers, groups, stats[0], table, torch.tensor(0.3, device=DEVICE), 0.2,
+                                       True)
+        runs.append(stats + grads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 # --------------------------------------------------------------------------- histogram
@@ -312,7 +384,7 @@ def test_fake_impls_give_interface_shapes_and_dtypes():
         logits = torch.empty(11, 5, dtype=torch.float16)
         groups = torch.zeros(11, dtype=torch.int32)
         lse, joint, ent = ops.triton_fcmi_fwd(logits, groups, 3, False)
-        assert (lse.shape, joint.shape, ent.shape) == ((11,), (3, 5), ()) and joint.dtype == torch.float32
+        assert (lse.shape, joint.shape, ent.shape) == ((0,), (3, 5), ()) and joint.dtype == torch.float32
         assert ops.triton_fcmi_bwd(logits, groups, lse, joint, ent, False).dtype == torch.float16
         h, centers = torch.empty(11, 4, dtype=torch.float64), torch.empty(5, 4, dtype=torch.float64)
         lse, joint, ent = ops.triton_fcmi_emb_fwd(h, centers, groups, 3, 0.1, True)
@@ -457,3 +529,17 @@ class TestGPU:
         loss = compiled(x)
         loss.backward()
         assert torch.allclose(loss, step(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [200, 300, 600])
+def test_fcmi_fake_lse_shape_matches_the_kernel(dtype, k):
+    """The lse is empty exactly when the launcher puts the row in one K tile (float64 tiles are
+    half as wide), and the fake must agree with the real op for torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    logits, groups = _data(3, k, 2, dtype)
+    real = _triton().fcmi_fwd(logits, groups, 2, False)[0].shape
+    with FakeTensorMode():
+        fake = torch.ops.fairkernels.triton_fcmi_fwd(torch.empty(3, k, dtype=dtype), torch.zeros(3, dtype=torch.int64),
+                                                     2, False)[0].shape
+    assert real == fake

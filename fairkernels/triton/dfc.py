@@ -11,8 +11,19 @@ import triton.language as tl
 
 from fairkernels.triton import _common as cm
 
+_ROWS = ["N", "num_row_tiles"]
+
 
 @triton.jit
+def _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of a contiguous [N, K] matrix: (values, row ptrs, rows, masks)."""
+    rows, row_mask = cm.row_tile(tile, N, BLOCK_N)
+    offs_k, k_mask = cm.col_tile(k_start, K, BLOCK_K)
+    ROW_ptrs = Q_ptr + rows[:, None] * K
+    return cm.load_rows(ROW_ptrs, offs_k, row_mask, k_mask, 0.0, ACC), offs_k, k_mask, row_mask, rows
+
+
+@triton.jit(do_not_specialize=_ROWS)
 def _dec_target_colsum_kernel(
     Q_ptr,            # q [N, K] contiguous
     COLSUM_ptr,       # out: [P, K] acc, per-program sum_i q_ik
@@ -22,22 +33,15 @@ def _dec_target_colsum_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """f_k = sum_i q_ik  (docs/math.md §4), one partial row per program."""
-    pid = tl.program_id(0)
-    COLSUM_slot = COLSUM_ptr + pid.to(tl.int64) * K
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n.to(tl.int64)
+    """f_k = sum_i q_ik  (docs/math.md §4), one partial row per program (private slot: deterministic)."""
+    COLSUM_slot = cm.slot(COLSUM_ptr, K, False)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :],
-                        mask=(offs_n < N)[:, None] & k_mask[None, :], other=0.0).to(ACC)
-            tl.store(COLSUM_slot + offs_k, tl.load(COLSUM_slot + offs_k, mask=k_mask, other=0.0)
-                     + tl.sum(q, axis=0), mask=k_mask)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            cm.add_to_table(COLSUM_slot + offs_k, tl.sum(q, axis=0), k_mask, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _dec_target_fwd_kernel(
     Q_ptr,            # q [N, K] contiguous
     INV_F_ptr,        # [K] acc: 1 / max(f_k, eps)
@@ -49,29 +53,21 @@ def _dec_target_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """p_ik = w_ik / max(sum_k' w_ik', eps),  w_ik = q_ik^2 / max(f_k, eps)  (docs/math.md §4)."""
-    pid = tl.program_id(0)
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < N
-        rows = offs_n.to(tl.int64)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         row_sum = tl.zeros([BLOCK_N], dtype=ACC)
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (offs_k < K)[None, :]
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
-            inv_f = tl.load(INV_F_ptr + offs_k, mask=offs_k < K, other=0.0)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            inv_f = tl.load(INV_F_ptr + offs_k, mask=k_mask, other=0.0)
             row_sum += tl.sum(q * q * inv_f[None, :], axis=1)
         inv_row = 1.0 / tl.maximum(row_sum, cm.eps_of(ACC))
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (offs_k < K)[None, :]
-            q = tl.load(Q_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(ACC)
-            inv_f = tl.load(INV_F_ptr + offs_k, mask=offs_k < K, other=0.0)
-            target = q * q * inv_f[None, :] * inv_row[:, None]
-            tl.store(P_ptr + rows[:, None] * K + offs_k[None, :], target.to(P_ptr.dtype.element_ty), mask=mask)
+            q, offs_k, k_mask, row_mask, rows = _row_tile_loads(Q_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            inv_f = tl.load(INV_F_ptr + offs_k, mask=k_mask, other=0.0)
+            cm.store_rows(P_ptr + rows[:, None] * K, offs_k, row_mask, k_mask,
+                          q * q * inv_f[None, :] * inv_row[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _kl_div_fwd_kernel(
     T_ptr,            # target p [N, K] contiguous
     Q_ptr,            # q [N, K] contiguous
@@ -83,24 +79,18 @@ def _kl_div_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """sum_ik p_ik log(p_ik / q_ik) with 0 log 0 = 0 and q floored at eps (docs/math.md §4)."""
-    pid = tl.program_id(0)
     total = tl.zeros([BLOCK_N], dtype=ACC)
-    for tile in range(pid, num_row_tiles, tl.num_programs(0)):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n.to(tl.int64)
+    eps = cm.eps_of(ACC)
+    for tile in range(tl.program_id(0), num_row_tiles, tl.num_programs(0)):
         for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-            ptrs = rows[:, None] * K + offs_k[None, :]
-            p = tl.load(T_ptr + ptrs, mask=mask, other=0.0).to(ACC)
-            q = tl.load(Q_ptr + ptrs, mask=mask, other=1.0).to(ACC)
-            eps = cm.eps_of(ACC)
+            p, offs_k, k_mask, row_mask, rows = _row_tile_loads(T_ptr, tile, N, K, k_start, ACC, BLOCK_N, BLOCK_K)
+            q = cm.load_rows(Q_ptr + rows[:, None] * K, offs_k, row_mask, k_mask, 1.0, ACC)
             terms = tl.where(p > 0, p * tl.log(tl.maximum(p, eps)), 0.0) - p * tl.log(tl.maximum(q, eps))
             total += tl.sum(terms, axis=1)
-    tl.store(SUM_ptr + pid, tl.sum(total))
+    tl.store(SUM_ptr + tl.program_id(0), tl.sum(total))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _kl_div_bwd_kernel(
     T_ptr,            # target p [numel] contiguous
     Q_ptr,            # q [numel] contiguous
@@ -123,10 +113,10 @@ def _kl_div_bwd_kernel(
 
 
 def _row_tiles(q):
-    blk_k = cm.block_k(q.shape[1])
-    blk_n = cm.block_n(blk_k)
-    tiles = triton.cdiv(q.shape[0], blk_n)
-    return blk_n, blk_k, tiles, cm.num_programs(tiles, q.device, q.shape[1], deterministic=True)
+    cfg = cm.row_config(q.shape[1], q.dtype)
+    tiles = triton.cdiv(q.shape[0], cfg.block_n)
+    programs = cm.num_programs(tiles, q.device, q.shape[1], deterministic=True)
+    return dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps), tiles, programs
 
 
 @torch.library.custom_op("fairkernels::triton_dec_target", mutates_args=())
@@ -135,14 +125,12 @@ def dec_target(q: torch.Tensor) -> torch.Tensor:
     q = q.contiguous()
     acc = cm.acc_dtype(q.dtype)
     num_rows, num_cols = q.shape
-    blk_n, blk_k, tiles, programs = _row_tiles(q)
+    blocks, tiles, programs = _row_tiles(q)
     colsum = torch.zeros(programs, num_cols, dtype=acc, device=q.device)
-    _dec_target_colsum_kernel[(programs,)](q, colsum, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype),
-                                           BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_dec_target_colsum_kernel, programs, q, colsum, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     inv_f = 1.0 / colsum.sum(0).clamp_min(cm.LOG_EPS)
     target = torch.empty_like(q)
-    _dec_target_fwd_kernel[(programs,)](q, inv_f, target, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype),
-                                        BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_dec_target_fwd_kernel, programs, q, inv_f, target, num_rows, num_cols, tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     return target
 
 
@@ -156,10 +144,9 @@ def kl_div_fwd(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """-> KL(P || Q) = (1/N) sum_ik p_ik log(p_ik / q_ik), 0-dim in q's dtype."""
     target, q = target.contiguous(), q.contiguous()
     acc = cm.acc_dtype(q.dtype)
-    blk_n, blk_k, tiles, programs = _row_tiles(q)
+    blocks, tiles, programs = _row_tiles(q)
     sums = torch.zeros(programs, dtype=acc, device=q.device)
-    _kl_div_fwd_kernel[(programs,)](target, q, sums, q.shape[0], q.shape[1], tiles, ACC=cm.tl_acc(q.dtype),
-                                    BLOCK_N=blk_n, BLOCK_K=blk_k)
+    cm.launch(_kl_div_fwd_kernel, programs, target, q, sums, q.shape[0], q.shape[1], tiles, ACC=cm.tl_acc(q.dtype), **blocks)
     return (sums.sum() / q.shape[0]).to(q.dtype)
 
 
@@ -176,7 +163,7 @@ def kl_div_bwd(grad_out: torch.Tensor, target: torch.Tensor, q: torch.Tensor) ->
     scale = (grad_out.to(acc) / q.shape[0]).reshape(())
     grad = torch.empty_like(q)
     block = 4096
-    _kl_div_bwd_kernel[(triton.cdiv(q.numel(), block),)](target, q, scale, grad, q.numel(),
+    cm.launch(_kl_div_bwd_kernel, triton.cdiv(q.numel(), block), target, q, scale, grad, q.numel(),
                                                          ACC=cm.tl_acc(q.dtype), BLOCK=block)
     return grad
 
