@@ -75,7 +75,10 @@ def test_help_lists_datasets_and_defaults(capsys):
     for name in ("digits-reverse", "synthetic", "adult", "har", "mnist-usps"):
         assert name in text
     from fairkernels.train import DFCConfig, FCMIConfig              # --epochs differs per method
-    assert f"(default: fcmi {FCMIConfig.epochs}, dfc/dec/ae-km {DFCConfig.epochs})" in text
+    fcmi_epochs, dfc_epochs = FCMIConfig.epochs, DFCConfig.epochs
+    expected = str(fcmi_epochs) if fcmi_epochs == dfc_epochs else f"fcmi {fcmi_epochs}, dfc/dec/ae-km {dfc_epochs}"
+    assert f"--epochs EPOCHS clustering epochs (FCMI: including the warm-up) (default: {expected})" in text
+    assert "(default: fcmi 512, dfc/dec/ae-km 256)" in text          # --batch-size differs per method
     assert "(default: 20)" in text and "(default: auto)" in text and "(default: runs/train)" in text
 
 
