@@ -133,6 +133,7 @@ def _opcheck_calls(contiguous: bool):
         ("cosine_fwd", (h, centers, 0.1)),
         ("cosine_bwd", (grad_q, q, h, centers, 0.1)),
         ("kmeans_assign", (h, centers)),
+        ("kmeans_step", (h, centers)),
     ]
 
 
