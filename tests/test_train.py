@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from fairkernels import data, metrics
 from fairkernels.train import NonFiniteLossError, make_trainer
@@ -13,13 +12,7 @@ from fairkernels.train import checkpoint as ckpt
 FAST = dict(progress=False, verbose=False, width=0.05, batch_size=128, backend="reference", kmeans_iter=30)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only add barrier waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

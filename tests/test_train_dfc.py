@@ -4,7 +4,6 @@ less accurate) when the group moves every point by an offset, the case the fairo
 built for; the reported crash (3 random groups on sklearn digits) trains to finite losses."""
 import numpy as np
 import pytest
-import torch
 
 from fairkernels import data, metrics
 from fairkernels.train import DFCConfig, make_trainer
@@ -13,12 +12,7 @@ FAST = dict(progress=False, verbose=False, width=0.05, batch_size=128, backend="
             n_clusters=3, seed=0, pretrain_epochs=2, finetune_epochs=10, epochs=10, update_interval=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _standardise(X):
