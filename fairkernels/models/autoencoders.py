@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fairkernels.models.grouped import GroupBatchNorm1d, GroupConvTranspose2d, GroupLinear
+from fairkernels.models.grouped import GroupBatchNorm1d, GroupConvTranspose2d, GroupLinear, group_order
 
 FCMI_HIDDEN = (1024, 1024, 512, 256)
 
@@ -50,8 +50,11 @@ class GroupMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         last = len(self.linears) - 1
+        # Every layer routes by the same groups: sort them once (one host read), not per layer.
+        rows_by_group = group_order(groups, self.linears[0].num_groups) \
+            if self.linears[0].uses_sorted_rows(x) else None
         for index, linear in enumerate(self.linears):
-            x = linear(x, groups)
+            x = linear(x, groups, rows_by_group)
             if index < last:
                 if self.norms is not None:
                     x = self.norms[index](x, groups)

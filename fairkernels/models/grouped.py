@@ -26,6 +26,13 @@ def _check_group_rows(groups: torch.Tensor, num_rows: int) -> None:
         raise ValueError(f"groups must be a vector of length {num_rows}, got shape {tuple(groups.shape)}")
 
 
+def group_order(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, list]:
+    """(the row permutation that sorts rows by group, the T group sizes as ints): the routing of
+    GroupLinear's sorted path; the sizes are one host read."""
+    groups = groups.long()
+    return torch.argsort(groups, stable=True), torch.bincount(groups, minlength=num_groups).tolist()
+
+
 class GroupLinear(nn.Module):
     """y_i = x_i W[g_i] + b[g_i] with W of shape [T, in, out] (one Linear per group)."""
 
@@ -47,12 +54,17 @@ class GroupLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        _check_group_rows(groups, x.shape[0])
-        sorted_rows = self.routing == "sorted" or (self.routing == "auto" and self.num_groups > 1 and (
+    def uses_sorted_rows(self, x: torch.Tensor) -> bool:
+        return self.routing == "sorted" or (self.routing == "auto" and self.num_groups > 1 and (
             not x.is_cuda or self.num_groups > DENSE_MAX_GROUPS))
-        if sorted_rows:
-            return self._forward_sorted(x, groups.long())
+
+    def forward(self, x: torch.Tensor, groups: torch.Tensor, rows_by_group=None) -> torch.Tensor:
+        """rows_by_group: group_order(groups, T) when the caller routes several layers by the
+        same groups (computed once instead of once per layer; used by the sorted routing)."""
+        _check_group_rows(groups, x.shape[0])
+        if self.uses_sorted_rows(x):
+            order, counts = rows_by_group or group_order(groups, self.num_groups)
+            return self._forward_sorted(x, order, counts)
         # [in, T*out]: every branch's output for every row in one GEMM, then keep row i's branch.
         weight_cat = self.weight.permute(1, 0, 2).reshape(self.in_features, -1)
         all_branches = torch.addmm(self.bias.reshape(-1), x, weight_cat)
@@ -60,9 +72,7 @@ class GroupLinear(nn.Module):
         index = groups.long().view(-1, 1, 1).expand(-1, 1, self.out_features)
         return all_branches.gather(1, index).squeeze(1)
 
-    def _forward_sorted(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        order = torch.argsort(groups, stable=True)
-        counts = torch.bincount(groups, minlength=self.num_groups).tolist()
+    def _forward_sorted(self, x: torch.Tensor, order: torch.Tensor, counts: list) -> torch.Tensor:
         pieces = []
         for group, rows in enumerate(torch.split(x.index_select(0, order), counts)):
             if rows.shape[0]:
