@@ -1,8 +1,9 @@
 """FCMI trainer (Zeng et al., CVPR 2023): L = L_rec + alpha L_clu + beta L_fair.
 
 c = softmax(cos(h, u) / tau) with u the spherical k-means centroids of the L2-normalised
-embeddings of the whole training set, recomputed before every epoch (here: at the end of the
-previous one, which is the same model, so the centers double as that epoch's predictions).
+embeddings of the training set (every row, or config.kmeans_sample_size of them), refreshed
+before every epoch (here: at the end of the previous one, which is the same model, so the
+centers double as that epoch's predictions), warm-started from the last centers by default.
 L_clu and L_fair come from the fused fairkernels op (no N x K logits). The first
 warmup_epochs minimise the reconstruction only (shortened, with a warning, when it would
 cover every epoch).
