@@ -547,3 +547,38 @@ def test_fcmi_fake_lse_shape_matches_the_kernel(dtype, k):
         fake = torch.ops.fairkernels.triton_fcmi_fwd(torch.empty(3, k, dtype=dtype), torch.zeros(3, dtype=torch.int64),
                                                      2, False)[0].shape
     assert real == fake
+
+
+def test_launches_set_maxnreg_from_the_register_budget():
+    """8-warp launches get maxnreg = the block's budget (ptxas' occupancy target spilled without
+    it); the FCMI loss from logits keeps its 128-register cap; 16-warp launches are left to ptxas."""
+    from fairkernels.triton import _common as cm
+    fk_triton = _triton()
+    assert cm.register_budget(4) == 255 and cm.register_budget(8) == 255 and cm.register_budget(16) == 128
+    seen = []
+    cm.LAUNCH_HOOK = lambda kernel, grid, args, kwargs: seen.append((kernel.fn.__name__, dict(kwargs)))
+    try:
+        z = torch.randn(64, 10, device="meta")
+        fk_triton.student_t_fwd._init_fn(z, torch.randn(100, 10, device="meta"), 1.0)
+        fk_triton.fcmi_fwd._init_fn(torch.randn(64, 10, device="meta"), torch.zeros(64, dtype=torch.int64, device="meta"), 2)
+    finally:
+        cm.LAUNCH_HOOK = None
+    for name, kwargs in seen:
+        if name.startswith("_fcmi"):
+            assert kwargs["maxnreg"] == (128 if kwargs["num_warps"] <= 8 else None), (name, kwargs)
+        elif kwargs["num_warps"] == 8:
+            assert kwargs["maxnreg"] == 255, (name, kwargs)
+    assert seen
+
+
+def test_fcmi_large_logits_keep_softmax_rows_normalised():
+    """The fused forward shifts each row by its max before the logsumexp: at |logits| ~ 1e4 in
+    float32 the joint's row sums (the group sizes the loss uses) stay exact to 1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(256, 7, generator=gen) * 1e4).to(DEVICE)
+    groups = torch.randint(0, 3, (256,), generator=gen).to(DEVICE)
+    _, joint, _ = _triton().fcmi_fwd(logits, groups, 3)
+    counts = torch.bincount(groups, minlength=3).float()
+    joint = joint.cpu()
+    counts = counts.cpu()
+    assert torch.allclose(joint.sum(1), counts, rtol=1e-6, atol=1e-4)

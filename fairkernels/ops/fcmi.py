@@ -28,22 +28,25 @@ def _all_reduce(tensor: torch.Tensor, process_group) -> torch.Tensor:
     return tensor
 
 
-def _losses_from_statistics(joint, counts, ent_sum, num_rows: float, process_group):
+def _losses_from_statistics(joint, ent_sum, num_rows: float, process_group):
     """T x K algebra of docs/math.md §3 on (possibly all-reduced) statistics.
+
+    The group sizes are the joint's row sums (each row's soft assignment sums to one, so
+    sum_k J_tk = n_t): the forward kernel's own pass counts them, with no extra pass over the
+    groups, and p_t is then exactly the marginal of p_tk, so I(G; C) >= 0 also in rounding.
 
     Returns l_clu, l_fair (acc dtype), and what the backward needs: log p_k, log p_tk, N (a
     Python float, or a 0-dim tensor when N is the all-reduced global batch size)."""
     num_groups, num_clusters = joint.shape
     if process_group is not None:
         # new_full fills on the device (no host-to-device copy, no sync)
-        packed = torch.cat([joint.reshape(-1), counts, ent_sum.reshape(1), joint.new_full((1,), num_rows)])
+        packed = torch.cat([joint.reshape(-1), ent_sum.reshape(1), joint.new_full((1,), num_rows)])
         packed = _all_reduce(packed, process_group)
         joint = packed[: num_groups * num_clusters].view(num_groups, num_clusters)
-        counts = packed[num_groups * num_clusters: -2]
         ent_sum, num_rows = packed[-2], packed[-1]
     p_joint = joint / num_rows                               # p_tk
     p_cluster = p_joint.sum(0)                               # p_k
-    p_group = counts / num_rows                              # p_t = n_t / N
+    p_group = p_joint.sum(1)                                 # p_t = n_t / N
     log_p_joint = torch.log(p_joint.clamp_min(LOG_EPS))
     log_p_cluster = torch.log(p_cluster.clamp_min(LOG_EPS))
     log_p_group = torch.log(p_group.clamp_min(LOG_EPS))
@@ -58,16 +61,6 @@ def _gradient_table(grad_clu, grad_fair, log_p_cluster, log_p_joint, num_rows):
     """docs/math.md §3: G_ik = table[g_i, k] - logc_coef * log c_ik, with alpha, beta the upstream grads."""
     table = (grad_clu * log_p_cluster[None, :] + grad_fair * (log_p_joint - log_p_cluster[None, :])) / num_rows
     return table.contiguous(), (grad_clu / num_rows).reshape(())
-
-
-def _counts(groups, num_groups, dtype):
-    # n_t by an integer index_add: unlike bincount its output length does not depend on the
-    # data, so torch.compile traces it without an unbacked size (fullgraph=True). The ones are
-    # one expanded scalar and int32 ids index directly: no N-element temporaries (allocating
-    # and filling them cost 20x the index_add itself at N = 10^6).
-    ones = groups.new_ones((), dtype=torch.int64).expand(groups.shape[0])
-    counts = torch.zeros(num_groups, dtype=torch.int64, device=groups.device)
-    return counts.index_add_(0, groups, ones).to(dtype)
 
 
 def _raise_if_not_finite(ent_sum, named_inputs):
@@ -91,7 +84,7 @@ class FcmiFunction(torch.autograd.Function):
         if fused_check:
             _raise_if_not_finite(ent_sum, (("logits", logits),))
         l_clu, l_fair, log_p_cluster, log_p_joint, num_rows = _losses_from_statistics(
-            joint, _counts(groups, num_groups, joint.dtype), ent_sum, float(logits.shape[0]), process_group)
+            joint, ent_sum, float(logits.shape[0]), process_group)
         ctx.save_for_backward(logits, groups, lse, log_p_cluster, log_p_joint)
         ctx.num_rows, ctx.backend, ctx.deterministic = num_rows, backend, deterministic
         return l_clu.to(logits.dtype), l_fair.to(logits.dtype)
@@ -129,7 +122,7 @@ class FcmiEmbeddingFunction(torch.autograd.Function):
         if fused_check:
             _raise_if_not_finite(ent_sum, (("h", h), ("centers", centers)))
         l_clu, l_fair, log_p_cluster, log_p_joint, num_rows = _losses_from_statistics(
-            joint, _counts(groups, num_groups, joint.dtype), ent_sum, float(h.shape[0]), process_group)
+            joint, ent_sum, float(h.shape[0]), process_group)
         ctx.save_for_backward(h, centers, groups, lse, log_p_cluster, log_p_joint)
         ctx.num_rows, ctx.tau, ctx.backend, ctx.deterministic = num_rows, tau, backend, deterministic
         return l_clu.to(h.dtype), l_fair.to(h.dtype)

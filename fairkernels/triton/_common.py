@@ -48,6 +48,8 @@ INTERPRETER_PROGRAMS = 4
 # SMs of an H100/H200: the program count of a launch on a "meta" device (kernel_report.py).
 REPORT_SMS = 132
 MAX_WARPS = 16
+# sm_90 registers per SM (and per block)
+REGISTERS_PER_SM = 65536
 
 NORM_EPS = 1e-12
 LOG_EPS = 1e-12
@@ -155,8 +157,23 @@ def normalize_backward(x: torch.Tensor, x_unit: torch.Tensor, grad_unit: torch.T
 LAUNCH_HOOK = None
 
 
+def register_budget(num_warps: int) -> int:
+    """Registers per thread a block of num_warps can use on sm_90 (65536 per SM, at most 255).
+
+    Passed to every launch as maxnreg: without it ptxas, given only the block size (.reqntid),
+    may pick a lower register target for occupancy and spill a few values to local memory
+    (kernel_report.py saw 64 registers and 8-16 spill bytes at 8 warps); with it, it spills only
+    when the block really runs out of registers.
+    """
+    return min(255, (REGISTERS_PER_SM // (32 * num_warps)) // 8 * 8)
+
+
 def launch(kernel, programs: int, *args, **kwargs) -> None:
-    """kernel[(programs,)](*args, **kwargs), or hand the launch to LAUNCH_HOOK."""
+    """kernel[(programs,)](*args, **kwargs), or hand the launch to LAUNCH_HOOK. 8-warp launches
+    get maxnreg = register_budget(8) unless the caller sets it (see register_budget; at 4 and
+    16 warps kernel_report.py found ptxas' own choice as good or better)."""
+    if kwargs.get("num_warps") == 8:
+        kwargs.setdefault("maxnreg", register_budget(8))
     if LAUNCH_HOOK is not None:
         LAUNCH_HOOK(kernel, (programs,), args, kwargs)
     else:

@@ -245,23 +245,44 @@ def _centred(centers, acc, student_t, operand_dtype):
     return mean.contiguous(), shifted.to(operand_dtype).contiguous(), shifted.t().contiguous()
 
 
-def _bwd_warps(cfg, student_t):
-    """The backward holds x, its gradient and the centre tile at once: twice dot_config's warps,
-    except the K-tiled Student-t loop (whose direct-difference distances ptxas then squeezed
-    into 64 registers with spills). Chosen from benchmarks/kernel_report.py at D = 128."""
-    if student_t and not cfg.single:
-        return cfg.num_warps
-    return min(cm.MAX_WARPS, 2 * cfg.num_warps)
+# The backward's widest tiles, by operand kind: fp32 / fp64 dots run on FMA units ("ieee"), and an
+# FMA dot keeps each thread's slice of the whole reduction dimension (BLOCK_K for coef @ centres,
+# BLOCK_N for coef^T @ x) in registers; bf16 dots use tensor-core fragments.
+_BWD_MAX_BLOCK_FMA = 32
+_BWD_MAX_BLOCK_K_MMA = 64
 
 
-def _launch_args(x, centers, student_t, partial_size=0):
+def _bwd_config(cfg, num_cols, dtype, student_t):
+    """Block sizes and num_warps of the backward, which holds x, its gradient, q, dL/dq and the
+    centre tile at once. From benchmarks/kernel_report.py (sm_90, maxnreg = the block's register
+    budget): narrower K (and, for FMA dots, N) tiles than the forward; twice the forward's warps,
+    except where 16 warps' 128 registers spill: the K-tiled Student-t loop (its direct-difference
+    distances), single-tile rows of D >= 64 under FMA dots, and float64 (there at most 8 warps,
+    with up to 255 registers)."""
+    fma = dtype in (torch.float32, torch.float64)
+    blk_k = min(cfg.block_k, _BWD_MAX_BLOCK_FMA if fma else _BWD_MAX_BLOCK_K_MMA)
+    blk_n = min(cfg.block_n, _BWD_MAX_BLOCK_FMA) if fma else cfg.block_n
+    single = num_cols <= blk_k
+    if dtype == torch.float64:
+        warps = min(cfg.num_warps, 8)
+    elif (student_t and not single) or (fma and single and cfg.block_d >= 64):
+        warps = cfg.num_warps
+    else:
+        warps = min(cm.MAX_WARPS, 2 * cfg.num_warps)
+    return cfg._replace(block_n=blk_n, block_k=blk_k, num_warps=warps, single=single)
+
+
+def _launch_args(x, centers, student_t, backward=False):
     cfg = cm.dot_config(centers.shape[0], x.shape[1], x.dtype)
+    if backward:
+        cfg = _bwd_config(cfg, centers.shape[0], x.dtype, student_t)
     tiles = triton.cdiv(x.shape[0], cfg.block_n)
-    programs = cm.num_programs(tiles, x.device, partial_size, deterministic=partial_size > 0)
+    programs = cm.num_programs(tiles, x.device, centers.shape[0] * (x.shape[1] + 1) if backward else 0,
+                               deterministic=backward)
     meta = dict(STUDENT_T=student_t, DIRECT=student_t and x.dtype in (torch.float32, torch.float64),
                 ACC=cm.tl_acc(x.dtype), DOT=cm.tl_dot_dtype(x.dtype, x.device), BLOCK_N=cfg.block_n,
-                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-                num_warps=_bwd_warps(cfg, student_t) if partial_size else cfg.num_warps)
+                BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                maxnreg=cm.register_budget(cfg.num_warps))
     return cfg, tiles, programs, meta
 
 
@@ -283,7 +304,7 @@ def _assign_bwd(grad_q, q, x, centers_in, param, student_t):
     x = x.contiguous()
     num_rows, dim = x.shape
     num_cols = centers_in.shape[0]
-    cfg, tiles, programs, meta = _launch_args(x, centers_in, student_t, num_cols * (dim + 1))
+    cfg, tiles, programs, meta = _launch_args(x, centers_in, student_t, backward=True)
     mean, centers, centers_t = _centred(centers_in, acc, student_t, x.dtype)
     grad_x = torch.empty_like(x)
     grad_c = torch.zeros(programs, num_cols, dim, dtype=acc, device=x.device)

@@ -28,11 +28,33 @@ from fairkernels.triton import _common as cm
 _ROWS = ["N", "num_row_tiles"]
 
 
+def _fcmi_max_registers(num_warps):
+    """The loss from logits is a pure streaming kernel: 128 registers leave room for two 8-warp
+    blocks per SM. At 16 warps 128 is the hardware cap already, and an explicit maxnreg there
+    made ptxas spill in float64 (kernel_report.py), so it is left to ptxas."""
+    return 128 if num_warps <= 8 else None
+
+
 @triton.jit
 def _log_c_tile(x, lse, mask):
     """log c = x - lse and c = exp(log c) of one tile, 0 where masked (0 log 0 = 0)."""
     log_c = tl.where(mask, x - lse[:, None], 0.0)
     return log_c, tl.where(mask, tl.exp(log_c), 0.0)
+
+
+@triton.jit
+def _shift_rows(x):
+    """x - row max of a tile holding whole rows (masked entries -inf). c and log c depend only
+    on x - lse; after the shift lse lies in [0, log K], so log c = x - lse keeps full precision
+    whatever the logits' magnitude (at |x| ~ 1e4 in float32, an unshifted lse alone is off by
+    ulp(1e4) ~ 1e-3 and the soft assignments by as much)."""
+    return x - tl.max(x, axis=1)[:, None]
+
+
+@triton.jit
+def _shifted_lse(x):
+    """Row logsumexp of a tile shifted by _shift_rows (its row max is 0)."""
+    return tl.log(tl.sum(tl.exp(x), axis=1))
 
 
 @triton.jit
@@ -102,8 +124,8 @@ def _fcmi_fwd_kernel(
         if SINGLE_K_TILE:
             offs_k, k_mask = cm.col_tile(0, K, BLOCK_K)
             x = cm.load_rows(X_rows, offs_k, row_mask, k_mask, float("-inf"), ACC)
-            x = tl.where(row_mask[:, None], x, 0.0)
-            joint, ent = _fcmi_stats(x, cm.row_lse(x), groups, row_mask, offs_k, k_mask, JOINT_slot,
+            x = _shift_rows(tl.where(row_mask[:, None], x, 0.0))
+            joint, ent = _fcmi_stats(x, _shifted_lse(x), groups, row_mask, offs_k, k_mask, JOINT_slot,
                                      joint, K, T, BLOCK_T, REG_JOINT, ATOMIC)
             ent_rows += ent
         else:
@@ -154,8 +176,8 @@ def _fcmi_bwd_kernel(
             offs_k, k_mask = cm.col_tile(0, K, BLOCK_K)
             mask = row_mask[:, None] & k_mask[None, :]
             x = cm.load_rows(X_rows, offs_k, row_mask, k_mask, float("-inf"), ACC)
-            x = tl.where(row_mask[:, None], x, 0.0)
-            c, grad_c = _fcmi_row_gradient(x, cm.row_lse(x), groups, offs_k, mask, TABLE_ptr, K, logc_coef)
+            x = _shift_rows(tl.where(row_mask[:, None], x, 0.0))
+            c, grad_c = _fcmi_row_gradient(x, _shifted_lse(x), groups, offs_k, mask, TABLE_ptr, K, logc_coef)
             grad = c * (grad_c - tl.sum(c * grad_c, axis=1)[:, None])
             cm.store_rows(GRAD_rows, offs_k, row_mask, k_mask, grad)
         else:
@@ -380,7 +402,8 @@ def fcmi_fwd(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
               num_rows, num_cols, num_groups, tiles,
               ACC=cm.tl_acc(logits.dtype), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=cm.BLOCK_T,
               SINGLE_K_TILE=cfg.single, REG_JOINT=cfg.single and num_groups <= cm.BLOCK_T,
-              ATOMIC=not deterministic, num_warps=_fwd_warps(cfg, num_groups))
+              ATOMIC=not deterministic, num_warps=_fwd_warps(cfg, num_groups),
+              maxnreg=_fcmi_max_registers(_fwd_warps(cfg, num_groups)))
     # fixed-order reduction of the per-program slots (a no-op view in atomic mode)
     return lse, joint.sum(0), ent.sum()
 
@@ -407,7 +430,7 @@ def fcmi_bwd(logits: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor, tabl
               lse.to(acc), table.to(acc).contiguous(), logc_coef.to(acc).reshape(()), grad, grad.stride(0),
               num_rows, num_cols, tiles,
               ACC=cm.tl_acc(logits.dtype), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K_TILE=cfg.single,
-              num_warps=cfg.num_warps)
+              num_warps=cfg.num_warps, maxnreg=_fcmi_max_registers(cfg.num_warps))
     return grad
 
 
@@ -503,6 +526,12 @@ def fcmi_emb_bwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, l
             grad_units += grad_s.t() @ h_unit
         return grad_h, cm.normalize_backward(centers_acc, units_acc, grad_units).to(centers.dtype)
     cfg = cm.dot_config(num_cols, dim, h.dtype)
+    if h.dtype == torch.float64:
+        # float64 FMA dots at 16 warps (128 registers) spill kilobytes (kernel_report.py); the
+        # K tiling must stay the forward's (it decides whether lse was saved), so fewer warps
+        cfg = cfg._replace(num_warps=min(cfg.num_warps, 8))
+        if not cfg.single:  # lse is saved: any K tile will do, and narrower ones spill less
+            cfg = cfg._replace(block_k=min(cfg.block_k, 32))
     tiles = triton.cdiv(num_rows, cfg.block_n)
     programs = cm.num_programs(tiles, h.device, num_cols * dim, deterministic)
     grad_units = torch.zeros(cm.partial_slots(programs, deterministic), num_cols, dim, dtype=acc, device=h.device)
