@@ -116,6 +116,7 @@ class DFC(_DeepFairClusterer):
                  gamma: float = 10.0, beta: float = 1000.0, alpha: float = 1.0, epochs: int = 100,
                  pretrain_epochs: int = 10, finetune_epochs: int = 20, batch_size: int = 256, lr: float = 0.01,
                  momentum: float = 0.9, pretrain_lr: float = 1e-3, dropout: float = 0.2, update_interval: int = 140,
+                 target_refresh: str = "auto", target_momentum: float = 0.9,
                  centroids_from: str = "target", rec_weight: float = 0.0,
                  width: float = 1.0, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
                  random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
@@ -137,6 +138,8 @@ class DFC(_DeepFairClusterer):
         self.pretrain_lr = pretrain_lr
         self.dropout = dropout
         self.update_interval = update_interval
+        self.target_refresh = target_refresh
+        self.target_momentum = target_momentum
         self.width = width
         self.kmeans_iter = kmeans_iter
         self.device = device

@@ -80,3 +80,22 @@ def test_dfc_on_three_random_groups_of_digits_does_not_crash():
 def test_bad_dfc_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DFCConfig(**{field: value}).validate()
+
+
+def test_target_refresh_auto_switches_to_lagged_on_large_sets():
+    config = DFCConfig()
+    limit = int(0.6 * config.batch_size * config.update_interval)
+    assert config.target_mode(limit) == "interval" and config.target_mode(limit + 1) == "lagged"
+    assert DFCConfig(target_refresh="batch").target_mode(10) == "batch"
+    with pytest.raises(ValueError, match="target_refresh"):
+        DFCConfig(target_refresh="sometimes").validate()
+
+
+@pytest.mark.parametrize("mode", ["lagged", "batch"])
+def test_dec_with_scalable_targets_recovers_planted_clusters(mode, planted):
+    """The targets that need no whole-set encoding train DEC as well as DEC's own refresh here."""
+    X, groups, y = planted
+    trainer = make_trainer("dec", target_refresh=mode, **{**FAST, "width": 0.1, "batch_size": 32}).fit(X, groups, y)
+    assert metrics.accuracy(y, trainer.labels_) > 0.9
+    assert metrics.nmi(y, trainer.labels_) > 0.7
+    assert "frequency" in trainer.state

@@ -6,7 +6,8 @@ Schedule (one global epoch counter, so checkpoints and resume cover every stage)
   cluster       KL(P||Q) + gamma KL(Psi||Phi) (+ rec_weight * MSE, then the decoder trains
                 too) on the encoder and the centroids mu (epochs; skipped by ae-km). mu starts
                 from k-means++ on the embeddings; the DEC target P is refreshed from the whole
-                set every update_interval iterations; the eq. 12 batch centroids are fitted to
+                set every update_interval iterations (on large sets each row's P is instead
+                the one its Q gave at its previous visit: config.target_refresh); the eq. 12 batch centroids are fitted to
                 the batch's rows of P (the paper's eq. 12; config.centroids_from="q" fits them
                 to Q); the fairoids are kept as state so a group absent from a batch keeps its
                 last value.
@@ -88,6 +89,8 @@ class DFCTrainer(Trainer):
         if phase == "cluster" and self.mu is None:
             self.state["mu"] = self.kmeans_centers(X, epoch)
             self.state["iteration"] = 0
+            self.state.pop("frequency", None)
+            self.state.pop("target", None)
             self.after_restore()
 
     def after_restore(self):
@@ -115,6 +118,27 @@ class DFCTrainer(Trainer):
         local = (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
         self.state["target"] = self.parallel.gather_rows(local, X.shape[0])
 
+    @torch.no_grad()
+    def batch_target(self, q):
+        """DEC target of this batch from its own Q (target_refresh "batch", and the stored P of
+        "lagged"): docs/math.md §4 with
+        the cluster frequencies f_k replaced by a running mean of the batches' normalised
+        column sums (all-reduced under DDP), so a batch that misses a cluster does not blow up
+        its share. A constant of the step, as the interval target is."""
+        cfg = self.config
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_acc = q.detach().to(acc)
+        column_sums = q_acc.sum(0)
+        if self.parallel.active:
+            column_sums = self.parallel.all_reduce_(column_sums)
+        batch_frequency = column_sums / column_sums.sum().clamp_min(LOG_EPS)
+        running = self.state.get("frequency")
+        frequency = batch_frequency if running is None else \
+            cfg.target_momentum * running.to(acc) + (1.0 - cfg.target_momentum) * batch_frequency
+        self.state["frequency"] = frequency
+        weight = q_acc * q_acc / frequency.clamp_min(LOG_EPS)
+        return (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
+
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
         if phase.startswith("pretrain-"):
@@ -129,15 +153,22 @@ class DFCTrainer(Trainer):
             _, x_hat = self.train_forward(x)
             l_rec = F.mse_loss(x_hat, x)
             return l_rec, {"rec": l_rec}
-        if self.state["iteration"] % cfg.update_interval == 0:
+        mode = cfg.target_mode(self._full_X.shape[0])
+        if (mode == "interval" and self.state["iteration"] % cfg.update_interval == 0) or \
+                (mode == "lagged" and "target" not in self.state):
             self.refresh_target(self._full_X)
         self.state["iteration"] += 1
         if cfg.rec_weight > 0:
             z, x_hat = self.train_forward(x)
         else:
             z = self.model.encode(x)
-        q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend)
-        target = self.state["target"][index]
+        q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend, check_inputs=False)
+        if mode == "batch":
+            target = self.batch_target(q)
+        else:
+            target = self.state["target"][index]
+            if mode == "lagged":  # the P these rows get at their next visit, one epoch from now
+                self.state["target"][index] = self.batch_target(q)
         l_cl = fk.kl_div(target, q, backend=cfg.backend, check_inputs=False)
         loss, terms = l_cl, {"kl": l_cl}
         gamma = cfg.effective_gamma
@@ -177,7 +208,13 @@ class DFCTrainer(Trainer):
     def end_epoch(self, epoch, phase, X, groups):
         if phase.startswith("pretrain-"):
             return None           # the embedding is incomplete until every layer is trained
-        z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
+        if phase == "cluster" and self.config.target_mode(X.shape[0]) != "interval" and \
+                self._eval_labels is None and epoch + 1 < self.total_epochs:
+            # A large set without labels: no whole-set encoding between epochs (nothing needs
+            # it; the epoch then reports no whole-set metrics), as in the FCMI trainer.
+            return None
+        with self.timed("encode"):
+            z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
         if phase == "finetune":
             self.state["kmeans_centers"] = self.kmeans_centers(X, epoch, shard_embeddings=z)
             return nearest_center(z, self.state["kmeans_centers"], self.config.eval_chunk_size)
