@@ -19,7 +19,7 @@ pretraining (which calls single layers) and the clustering phase (whose centroid
 outside the model) average their gradients with one explicit all-reduce instead. The DEC target
 uses the global f_k (all-reduced) and is gathered to every rank; with the lagged target of
 large sets each rank then overwrites the rows it visits, so a row that another rank visits
-next keeps its older target (at most one refresh older). The batch statistics of the
+next keeps the target this rank last wrote for it (or that of the first whole-set refresh). The batch statistics of the
 fairness loss (the batch centroid estimate M and the fairoids) are per rank: each rank's L_fr
 uses its own share of the global batch, so DFC under DDP matches the single-process run only
 in expectation, not step for step (KL(P||Q), a batch mean, is exact with equal shares), and the
