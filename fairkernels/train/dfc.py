@@ -7,10 +7,10 @@ Schedule (one global epoch counter, so checkpoints and resume cover every stage)
                 too) on the encoder and the centroids mu (epochs; skipped by ae-km). mu starts
                 from k-means++ on the embeddings; the DEC target P is refreshed from the whole
                 set every update_interval iterations (on large sets each row's P is instead
-                the one its Q gave at its previous visit: config.target_refresh); the eq. 12 batch centroids are fitted to
-                the batch's rows of P (the paper's eq. 12; config.centroids_from="q" fits them
-                to Q); the fairoids are kept as state so a group absent from a batch keeps its
-                last value.
+                the one its Q gave at its previous visit: config.target_refresh); the eq. 12
+                batch centroids are fitted to the batch's rows of P (the paper's eq. 12;
+                config.centroids_from="q" fits them to Q); the fairoids are kept as state so a
+                group absent from a batch keeps its last value.
 DEC is gamma = 0 (the fairoid term is then not computed). AE + k-means clusters the fine-tuned
 embeddings with k-means.
 
@@ -19,8 +19,8 @@ pretraining (which calls single layers) and the clustering phase (whose centroid
 outside the model) average their gradients with one explicit all-reduce instead. The DEC target
 uses the global f_k (all-reduced) and is gathered to every rank; with the lagged target of
 large sets each rank then overwrites the rows it visits, so a row that another rank visits
-next keeps the target this rank last wrote for it (or that of the first whole-set refresh). The batch statistics of the
-fairness loss (the batch centroid estimate M and the fairoids) are per rank: each rank's L_fr
+next keeps the target this rank last wrote for it (or that of the first whole-set refresh).
+The batch statistics of the fairness loss (the batch centroid estimate M and the fairoids) are per rank: each rank's L_fr
 uses its own share of the global batch, so DFC under DDP matches the single-process run only
 in expectation, not step for step (KL(P||Q), a batch mean, is exact with equal shares), and the
 denoising dropout masks are drawn per rank.
@@ -123,8 +123,7 @@ class DFCTrainer(Trainer):
     @torch.no_grad()
     def batch_target(self, q):
         """DEC target of this batch from its own Q (target_refresh "batch", and the stored P of
-        "lagged"): docs/math.md §4 with
-        the cluster frequencies f_k replaced by a running mean of the batches' normalised
+        "lagged"): docs/math.md §4 with the cluster frequencies f_k replaced by a running mean of the batches' normalised
         column sums (all-reduced under DDP), so a batch that misses a cluster does not blow up
         its share. A constant of the step, as the interval target is."""
         cfg = self.config

@@ -160,12 +160,19 @@ LAUNCH_HOOK = None
 def register_budget(num_warps: int) -> int:
     """Registers per thread a block of num_warps can use on sm_90 (65536 per SM, at most 255).
 
-    Passed to every launch as maxnreg: without it ptxas, given only the block size (.reqntid),
-    may pick a lower register target for occupancy and spill a few values to local memory
-    (kernel_report.py saw 64 registers and 8-16 spill bytes at 8 warps); with it, it spills only
-    when the block really runs out of registers.
+    Passed as maxnreg (by launch at 8 warps, by the assignment kernels at every width): without
+    it ptxas, given only the block size (.reqntid), may pick a lower register target for
+    occupancy and spill a few values to local memory (kernel_report.py saw 64 registers and
+    8-16 spill bytes at 8 warps); with it, it spills only when the block runs out of registers.
     """
     return min(255, (REGISTERS_PER_SM // (32 * num_warps)) // 8 * 8)
+
+
+def float64_warps(num_warps: int, dtype: torch.dtype) -> int:
+    """num_warps, at most 8 for float64: its FMA tiles at 16 warps (128 registers per thread)
+    spilled in the assignment, embedding and histogram kernels (kernel_report.py), while 8 warps
+    with up to 255 registers do not."""
+    return min(num_warps, 8) if dtype == torch.float64 else num_warps
 
 
 def launch(kernel, programs: int, *args, **kwargs) -> None:

@@ -263,10 +263,8 @@ def _bwd_config(cfg, num_cols, dtype, student_t):
     blk_k = min(cfg.block_k, _BWD_MAX_BLOCK_FMA if fma else _BWD_MAX_BLOCK_K_MMA)
     blk_n = min(cfg.block_n, _BWD_MAX_BLOCK_FMA) if fma else cfg.block_n
     single = num_cols <= blk_k
-    if dtype == torch.float64:
-        warps = min(cfg.num_warps, 8)
-    elif (student_t and not single) or (fma and single and cfg.block_d >= 64):
-        warps = cfg.num_warps
+    if (student_t and not single) or (fma and single and cfg.block_d >= 64) or dtype == torch.float64:
+        warps = cm.float64_warps(cfg.num_warps, dtype)
     else:
         warps = min(cm.MAX_WARPS, 2 * cfg.num_warps)
     return cfg._replace(block_n=blk_n, block_k=blk_k, num_warps=warps, single=single)

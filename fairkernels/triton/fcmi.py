@@ -398,12 +398,12 @@ def fcmi_fwd(logits: torch.Tensor, groups: torch.Tensor, num_groups: int,
     programs = cm.num_programs(tiles, logits.device, num_groups * num_cols, deterministic)
     lse, joint, ent = _stats_buffers(num_rows, num_groups, num_cols, cm.acc_dtype(logits.dtype), logits.device,
                                      cm.partial_slots(programs, deterministic), cfg.single)
+    warps = _fwd_warps(cfg, num_groups)
     cm.launch(_fcmi_fwd_kernel, programs, logits, logits.stride(0), groups, lse, joint, ent,
               num_rows, num_cols, num_groups, tiles,
               ACC=cm.tl_acc(logits.dtype), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=cm.BLOCK_T,
               SINGLE_K_TILE=cfg.single, REG_JOINT=cfg.single and num_groups <= cm.BLOCK_T,
-              ATOMIC=not deterministic, num_warps=_fwd_warps(cfg, num_groups),
-              maxnreg=_fcmi_max_registers(_fwd_warps(cfg, num_groups)))
+              ATOMIC=not deterministic, num_warps=warps, maxnreg=_fcmi_max_registers(warps))
     # fixed-order reduction of the per-program slots (a no-op view in atomic mode)
     return lse, joint.sum(0), ent.sum()
 
@@ -529,7 +529,7 @@ def fcmi_emb_bwd(h: torch.Tensor, centers: torch.Tensor, groups: torch.Tensor, l
     if h.dtype == torch.float64:
         # float64 FMA dots at 16 warps (128 registers) spill kilobytes (kernel_report.py); the
         # K tiling must stay the forward's (it decides whether lse was saved), so fewer warps
-        cfg = cfg._replace(num_warps=min(cfg.num_warps, 8))
+        cfg = cfg._replace(num_warps=cm.float64_warps(cfg.num_warps, h.dtype))
         if not cfg.single:  # lse is saved: any K tile will do, and narrower ones spill less
             cfg = cfg._replace(block_k=min(cfg.block_k, 32))
     tiles = triton.cdiv(num_rows, cfg.block_n)

@@ -80,12 +80,6 @@ def _histogram_bwd_kernel(
             tl.store(GRAD_ptr + rows[:, None] * K + offs_k[None, :], grad, mask=mask)
 
 
-def _fwd_warps(cfg, dtype):
-    """float64 at 16 warps: ptxas targets 64 registers and spills (kernel_report.py); 8 warps
-    (maxnreg 255) do not."""
-    return min(cfg.num_warps, 8) if dtype == torch.float64 else cfg.num_warps
-
-
 @torch.library.custom_op("fairkernels::triton_histogram_fwd", mutates_args=())
 def histogram_fwd(probs: torch.Tensor, groups: torch.Tensor, weights: Optional[torch.Tensor],
                   num_groups: int, deterministic: bool = False) -> torch.Tensor:
@@ -104,7 +98,7 @@ def histogram_fwd(probs: torch.Tensor, groups: torch.Tensor, weights: Optional[t
               num_rows, num_cols, num_groups, tiles, HAS_WEIGHTS=has_weights, ACC=cm.tl_acc(probs.dtype),
               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_T=cm.BLOCK_T,
               REG_JOINT=cfg.single and num_groups <= cm.BLOCK_T, ATOMIC=not deterministic,
-              num_warps=_fwd_warps(cfg, probs.dtype))
+              num_warps=cm.float64_warps(cfg.num_warps, probs.dtype))
     return joint.sum(0)
 
 
