@@ -43,6 +43,7 @@ from benchmarks.harness import cpu_model, git_commit  # noqa: E402
 import fairkernels as fk  # noqa: E402
 from fairkernels import data  # noqa: E402
 from fairkernels.train import FCMIConfig, make_trainer  # noqa: E402
+from fairkernels.train.matched_centers import matched_logits  # noqa: E402
 
 COLUMNS = ["date", "commit", "device", "threads", "method", "n", "width", "batch_size", "params", "status",
            "epoch_s", "points_per_s", "train", "model", "loss", "optimizer", "overhead", "encode", "kmeans",
@@ -78,9 +79,14 @@ def _loss_step(trainer, h, g, batches: int):
 
         def step():
             for _ in range(batches):
-                l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, centers, g, trainer.num_groups, cfg.tau,
-                                                              backend=cfg.backend, check_inputs=False)
-                (cfg.alpha * l_clu + cfg.beta * l_fair).backward()
+                if trainer.matched:     # per-group centers: the row's own group's cosines, then the fused op
+                    logits = matched_logits(h, centers, g, cfg.tau)
+                    l_clu, l_fair = fk.fcmi_terms(logits, g, trainer.num_groups, backend=cfg.backend,
+                                                  check_inputs=False)
+                else:
+                    l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, centers, g, trainer.num_groups, cfg.tau,
+                                                                  backend=cfg.backend, check_inputs=False)
+                (trainer.alpha * l_clu + cfg.beta * l_fair).backward()
         return step
     mu = trainer.mu.detach().clone().requires_grad_(True)
     target = trainer.state["target"][:h.shape[0]]

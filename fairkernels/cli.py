@@ -38,14 +38,15 @@ import torch
 METRIC_KEYS = ("acc", "nmi", "bal", "mnce", "f_beta", "fwd_mean", "fwd_max")
 # The ops each method's trainer calls with config.backend (fairkernels/train/*.py); an explicit
 # --backend must be able to run all of them.
-METHOD_OPS = {"fcmi": ("fcmi_embeddings",), "dfc": ("student_t", "dec_target", "kl_div"),
+METHOD_OPS = {"fcmi": ("fcmi_embeddings", "fcmi"), "dfc": ("student_t", "dec_target", "kl_div"),
               "dec": ("student_t", "dec_target", "kl_div"), "ae-km": ()}
 # Config field -> the option that sets it, so a config error names what the user typed.
 FIELD_OPTIONS = {"n_clusters": "--n-clusters", "epochs": "--epochs", "warmup_epochs": "--warmup",
                  "pretrain_epochs": "--pretrain-epochs", "finetune_epochs": "--finetune-epochs",
                  "batch_size": "--batch-size", "lr": "--lr", "width": "--width", "alpha": "--alpha",
                  "beta": "--beta", "gamma": "--gamma", "kmeans_iter": "--kmeans-iter",
-                 "kmeans_sample_size": "--kmeans-sample-size", "dtype": "--dtype", "device": "--device"}
+                 "kmeans_sample_size": "--kmeans-sample-size", "dtype": "--dtype", "device": "--device",
+                 "centers": "--centers"}
 
 
 class UsageError(Exception):
@@ -121,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--batch-size", "batch_size", int, "rows per batch", None),
         ("--lr", "lr", float, "learning rate", None),
         ("--width", "width", float, "hidden-layer width multiplier", None),
-        ("--alpha", "alpha", float, "FCMI weight of L_clu", "fcmi"),
+        ("--alpha", "alpha", float, "FCMI weight of L_clu (None: 0.04 with shared centers, 0.1 with matched)",
+         "fcmi"),
         ("--beta", "beta", float, "FCMI weight of L_fair", "fcmi"),
         ("--gamma", "gamma", float, "DFC weight of the fairness loss", "dfc"),
         ("--kmeans-iter", "kmeans_iter", int, "Lloyd iterations per center refresh", None),
+        ("--centers", "centers", str, "FCMI centers: auto, matched (per group, paired across groups) or shared",
+         "fcmi"),
         ("--dtype", "dtype", str, "data and model dtype: float32 or float64", None),
     )
     for flag, field, kind, text, only in method_options:
@@ -254,10 +258,10 @@ def _config_overrides(args, n_clusters: int) -> dict:
     if args.distributed:
         overrides["distributed"] = True
     if args.method == "fcmi":
-        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta")
+        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta", centers="centers")
     else:
         names.update(pretrain_epochs="pretrain_epochs", finetune_epochs="finetune_epochs", gamma="gamma")
-    for arg_name in ("warmup", "alpha", "beta", "gamma", "pretrain_epochs", "finetune_epochs"):
+    for arg_name in ("warmup", "alpha", "beta", "centers", "gamma", "pretrain_epochs", "finetune_epochs"):
         if getattr(args, arg_name) is not None and arg_name not in names:
             raise UsageError(f"--{arg_name.replace('_', '-')} does not apply to --method {args.method}")
     for arg_name, field_name in names.items():
@@ -419,7 +423,7 @@ def _write_train_outputs(args, dataset, trainer, wall: float) -> None:
         "num_groups": num_groups, **scores, **_run_totals(trainer, wall), "total_epochs": trainer.total_epochs,
         "points_per_second": num_rows * trainer.epochs_run / wall if wall > 0 and trainer.epochs_run else None,
         "peak_memory_bytes": _peak_memory_bytes(trainer.device), "device": str(trainer.device),
-        "world_size": trainer.world_size,
+        "world_size": trainer.world_size, "centers": getattr(trainer, "centers_info", None),
         "config": vars(trainer.config).copy(), "history": trainer.history,
     }
     os.makedirs(args.out, exist_ok=True)

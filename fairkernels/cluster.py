@@ -57,11 +57,13 @@ class _DeepFairClusterer(ClusterMixin, BaseEstimator):
             raise ValueError(f"X has {shape[1]} features, but {type(self).__name__} is expecting "
                              f"{self.n_features_in_} features as input.")
 
-    def predict(self, X):
-        """Cluster of each row of X under the fitted model (groups are not needed to assign)."""
+    def predict(self, X, groups=None):
+        """Cluster of each row of X under the fitted model. groups (the rows' protected groups)
+        is required by FCMI with per-group centers (centers="matched", the default on data
+        with large enough groups) and ignored otherwise."""
         trainer = self._fitted()
         self._check_n_features(X)
-        return trainer.predict(X)
+        return trainer.predict(X, groups)
 
     def transform(self, X):
         """Embeddings [N, latent_dim] of the rows of X."""
@@ -75,12 +77,12 @@ class FCMI(_DeepFairClusterer):
 
     See fairkernels.train.FCMIConfig for every parameter; random_state seeds the run."""
 
-    def __init__(self, n_clusters: int = 10, *, latent_dim: Optional[int] = None, alpha: float = 0.04,
+    def __init__(self, n_clusters: int = 10, *, latent_dim: Optional[int] = None, alpha: Optional[float] = None,
                  beta: float = 0.2, tau: float = 0.1, epochs: int = 100, warmup_epochs: int = 20,
                  batch_size: int = 512, lr: float = 1e-3, width: float = 1.0, model: str = "mlp",
-                 multi_branch: bool = True, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
-                 random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
-                 progress: bool = False, verbose: bool = False):
+                 multi_branch: bool = True, centers: str = "auto", kmeans_iter: int = 100, device: str = "cpu",
+                 backend: str = "auto", random_state: int = 0, checkpoint_dir: Optional[str] = None,
+                 resume: bool = False, progress: bool = False, verbose: bool = False):
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
         self.alpha = alpha
@@ -93,6 +95,7 @@ class FCMI(_DeepFairClusterer):
         self.width = width
         self.model = model
         self.multi_branch = multi_branch
+        self.centers = centers
         self.kmeans_iter = kmeans_iter
         self.device = device
         self.backend = backend

@@ -33,9 +33,10 @@ def test_fcmi_estimator_fit_predict(small):
     est = FCMI(3, epochs=3, warmup_epochs=1, width=0.05, batch_size=128, kmeans_iter=20, backend="reference")
     labels = est.fit_predict(X, groups)
     assert labels.shape == (300,) and labels.dtype == np.int64 and labels.max() < 3
-    assert est.cluster_centers_.shape == (3, 3)
+    assert est.cluster_centers_.shape == (3, 3)      # the groups mix in the inputs: auto -> shared centers
     assert est.transform(X).shape == (300, 3)
     np.testing.assert_array_equal(est.predict(X), labels)
+    np.testing.assert_array_equal(est.predict(X, groups), labels)     # groups are accepted and unused
     assert len(est.history_) == 3
     # Same seed, same result (CPU runs are deterministic).
     np.testing.assert_array_equal(clone(est).fit_predict(X, groups), labels)
@@ -71,12 +72,13 @@ def fitted(small):
 
 @pytest.mark.parametrize("method", ["predict", "transform"])
 def test_feature_count_mismatch_is_named(small, fitted, method):
-    X, _ = small
+    X, groups = small
     with pytest.raises(ValueError, match=r"^X has 2 features, but FCMI is expecting 5 features as input\.$"):
         getattr(fitted, method)(X[:, :2])
     with pytest.raises(ValueError, match="X has 7 features"):
         getattr(fitted, method)(torch.zeros(4, 7))
-    assert getattr(fitted, method)(X[:4].tolist()).shape[0] == 4      # lists are checked too, and pass
+    extra = (groups[:4],) if method == "predict" else ()
+    assert getattr(fitted, method)(X[:4].tolist(), *extra).shape[0] == 4      # lists are checked too, and pass
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

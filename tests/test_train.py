@@ -34,8 +34,11 @@ def test_fcmi_learns_and_is_fairer_than_ae_kmeans(biased):
     base_scores = metrics.evaluate(y, aekm.labels_, groups)
     assert fair_scores["mnce"] > base_scores["mnce"] + 0.3
     assert fair_scores["acc"] > 0.5                      # chance is 1/3
-    assert fcmi.labels_.shape == (600,) and fcmi.cluster_centers_.shape == (3, 3)
-    np.testing.assert_array_equal(fcmi.predict(X), fcmi.labels_)
+    # Groups of 300 rows for 3 clusters: "auto" gives every group its own matched centers.
+    assert fcmi.labels_.shape == (600,) and fcmi.cluster_centers_.shape == (2, 3, 3)
+    np.testing.assert_array_equal(fcmi.predict(X, groups), fcmi.labels_)
+    with pytest.raises(ValueError, match="groups is required: this FCMI model has per-group centers"):
+        fcmi.predict(X)
 
 
 @pytest.mark.parametrize("method", ["dfc", "dec"])

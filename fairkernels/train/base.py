@@ -177,8 +177,12 @@ class Trainer(abc.ABC):
         """Final labels of the training set."""
 
     @abc.abstractmethod
-    def predict_embeddings(self, z: torch.Tensor) -> torch.Tensor:
-        """Cluster labels of embeddings z with the fitted centers."""
+    def predict_embeddings(self, z: torch.Tensor, groups=None) -> torch.Tensor:
+        """Cluster labels of embeddings z with the fitted centers (groups: the rows' groups,
+        for models whose centers depend on the group)."""
+
+    def before_training(self, X: torch.Tensor, groups: torch.Tensor) -> None:
+        """Choices that depend on the data set (called once per fit, before the first epoch)."""
 
     # ------------------------------------------------------------------ public API
     def fit(self, X, groups, y=None):
@@ -203,6 +207,7 @@ class Trainer(abc.ABC):
         ckpt.seed_everything(cfg.seed)
         self.model = self.build_model(X_cpu.shape[1], num_groups).to(self.device, dtype)
         self.history, self.state = [], {}
+        self.before_training(X_dev, groups_dev)
         start_epoch, saved_optimizer, saved_phase = 0, None, None
         path = ckpt.checkpoint_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         if cfg.resume and path and os.path.exists(path):
@@ -253,11 +258,19 @@ class Trainer(abc.ABC):
         X_dev = as_float_tensor(X, dtype=self.config.torch_dtype).to(self.device)
         return encode_all(self.model, X_dev, self.config.eval_chunk_size).cpu().numpy()
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, X, groups=None) -> np.ndarray:
+        """Clusters of the rows of X; groups (their protected groups) is needed by models with
+        per-group centers (FCMI with centers="matched") and ignored by the others."""
         self._check_fitted()
         X_dev = as_float_tensor(X, dtype=self.config.torch_dtype).to(self.device)
+        if groups is not None:
+            groups, _ = as_group_tensor(groups, X_dev.shape[0])
+            if int(groups.max()) >= self.num_groups:
+                raise ValueError(f"groups has id {int(groups.max())} but the model was fitted on "
+                                 f"{self.num_groups} groups (ids 0..{self.num_groups - 1})")
+            groups = groups.to(self.device)
         z = encode_all(self.model, X_dev, self.config.eval_chunk_size)
-        return self.predict_embeddings(z).cpu().numpy()
+        return self.predict_embeddings(z, groups).cpu().numpy()
 
     def _check_fitted(self) -> None:
         if self.model is None or self.labels_ is None:

@@ -227,7 +227,7 @@ class DFCTrainer(Trainer):
         z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
         return self.predict_embeddings(z)
 
-    def predict_embeddings(self, z):
+    def predict_embeddings(self, z, groups=None):
         centers = self.mu.detach() if self.mu is not None and self.config.method != "ae-km" \
             else self.state["kmeans_centers"]
         return nearest_center(z, centers, self.config.eval_chunk_size)

@@ -4,7 +4,10 @@ c = softmax(cos(h, u) / tau) with u the spherical k-means centroids of the L2-no
 embeddings of the training set (every row, or config.kmeans_sample_size of them), refreshed
 before every epoch (here: at the end of the previous one, which is the same model, so the
 centers double as that epoch's predictions), warm-started from the last centers by default.
-L_clu and L_fair come from the fused fairkernels op (no N x K logits). The first
+L_clu and L_fair come from the fused fairkernels op (no N x K logits). With centers="matched"
+(the default wherever every group is large enough) each group has its own K centers, paired
+across groups when clustering starts (fairkernels.train.matched_centers), and the logits of a
+row are its cosines to its own group's centers; predictions then need the rows' groups. The first
 warmup_epochs minimise the reconstruction only (shortened, with a warning, when it would
 cover every epoch).
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 import fairkernels as fk
 from fairkernels.models import ConvAutoencoder, FCAutoencoder
+from fairkernels.train import matched_centers as matched
 from fairkernels.train.base import Trainer, argmax_cosine, encode_all
 from fairkernels.train.config import FCMIConfig
 
@@ -57,9 +61,73 @@ class FCMITrainer(Trainer):
                                        init_centers=previous, n_iter=cfg.refresh_iter)
         return self.refresh_kmeans(X, epoch, spherical=True, shard_embeddings=shard_embeddings)
 
+    @property
+    def matched(self) -> bool:
+        """Per-group centers (centers="matched", or "auto" resolved so at fit time)."""
+        return self.state.get("centers") is not None and self.state["centers"].dim() == 3 \
+            or getattr(self, "_centers_mode", None) == "matched"
+
+    def before_training(self, X, groups):
+        cfg = self.config
+        sizes = torch.bincount(groups.cpu(), minlength=self.num_groups)
+        present = sizes[sizes > 0]
+
+        def joint_mnce():
+            with self.timed("kmeans"):
+                value = torch.tensor([matched.groups_separated_mnce(X, groups, self.num_groups, cfg.n_clusters,
+                                                                    seed=cfg.seed, max_rows=cfg.kmeans_sample_size)],
+                                     dtype=torch.float64, device=X.device)
+                self.parallel.broadcast_(value)      # every rank takes rank 0's decision
+            self.centers_info["joint_input_mnce"] = float(value)
+            return float(value)
+        # What centers="auto" chose and on what evidence (also in the CLI's metrics.json).
+        self.centers_info = {}
+        self._centers_mode = cfg.centers_mode(present, joint_mnce)
+        self.centers_info["mode"] = self._centers_mode
+        self.alpha = cfg.alpha_for(self._centers_mode)
+        if self._centers_mode == "matched" and int(present.min()) < self.config.n_clusters:
+            raise ValueError(f"centers='matched' clusters every group on its own, but a group has only "
+                             f"{int(present.min())} rows for n_clusters={self.config.n_clusters}; "
+                             f"use centers='shared' (or 'auto')")
+
+    def compute_matched_centers(self, X, groups, epoch, shard_embeddings=None):
+        """Per-group unit centers [T, K, d]. The first call pairs the groups' clusters on the
+        input features (every rank computes the same pairing; rank 0's is broadcast) and takes
+        each matched cluster's mean embedding; later calls run refresh_iter warm Lloyd
+        iterations on the whole set's (or a kmeans_sample_size sample's) embeddings."""
+        cfg, par = self.config, self.parallel
+        previous = self.state.get("centers")
+        if previous is None:
+            with self.timed("kmeans"):
+                labels = matched.input_matching(X, groups, self.num_groups, cfg.n_clusters,
+                                                restarts=cfg.match_restarts, seed=cfg.seed,
+                                                max_rows=cfg.kmeans_sample_size)
+                par.broadcast_(labels)
+            with self.timed("encode"):
+                h = shard_embeddings if shard_embeddings is not None else \
+                    encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+            return matched.centers_from_labels(F.normalize(h, dim=1), self.local(groups), self.local(labels),
+                                               self.num_groups, cfg.n_clusters, par.process_group)
+        num_rows = X.shape[0]
+        with self.timed("encode"):
+            if shard_embeddings is not None:
+                h, rows_groups = shard_embeddings, self.local(groups)
+            elif cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= num_rows:
+                h, rows_groups = encode_all(self.model, self.local(X), cfg.eval_chunk_size), self.local(groups)
+            else:
+                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+                rows = torch.randperm(num_rows, generator=generator)[:max(cfg.kmeans_sample_size, par.world_size)]
+                rows = rows.sort().values
+                local_rows = rows[par.shard(rows.shape[0])].to(X.device)
+                h, rows_groups = encode_all(self.model, X[local_rows], cfg.eval_chunk_size), groups[local_rows]
+        with self.timed("kmeans"):
+            return matched.refresh_matched(F.normalize(h, dim=1), rows_groups, previous.to(h.dtype),
+                                           cfg.refresh_iter, cfg.eval_chunk_size, par.process_group)
+
     def begin_epoch(self, epoch, phase, X, groups):
         if phase == "fcmi" and "centers" not in self.state:
-            self.state["centers"] = self.compute_centers(X, epoch)
+            self.state["centers"] = self.compute_matched_centers(X, groups, epoch) if self.matched \
+                else self.compute_centers(X, epoch)
 
     def batch_losses(self, phase, index, x, groups):
         h, x_hat = self.train_forward(x, groups)
@@ -67,10 +135,18 @@ class FCMITrainer(Trainer):
         if phase == "warmup":
             return l_rec, {"rec": l_rec}
         cfg = self.config
-        l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, self.state["centers"], groups, self.num_groups, cfg.tau,
-                                                      backend=cfg.backend, deterministic=cfg.deterministic,
-                                                      process_group=self.parallel.process_group, check_inputs=False)
-        fcmi_term = cfg.alpha * l_clu + cfg.beta * l_fair
+        if self.matched:
+            logits = matched.matched_logits(h, self.state["centers"], groups, cfg.tau)
+            l_clu, l_fair = fk.fcmi_terms(logits, groups, self.num_groups, backend=cfg.backend,
+                                          deterministic=cfg.deterministic,
+                                          process_group=self.parallel.process_group, check_inputs=False)
+        else:
+            l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, self.state["centers"], groups, self.num_groups,
+                                                          cfg.tau, backend=cfg.backend,
+                                                          deterministic=cfg.deterministic,
+                                                          process_group=self.parallel.process_group,
+                                                          check_inputs=False)
+        fcmi_term = self.alpha * l_clu + cfg.beta * l_fair
         loss = l_rec + fcmi_term
         # DDP averages the ranks' gradients. l_rec is this rank's mean over its equal share of
         # the global batch, so the average of its gradients is the gradient of the global mean.
@@ -88,25 +164,60 @@ class FCMITrainer(Trainer):
         # The centers of epoch + 1 (the model no longer changes before it starts).
         cfg = self.config
         whole_set_refresh = cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= X.shape[0]
+        refresh = self.compute_matched_centers if self.matched else \
+            (lambda X, groups, epoch, shard_embeddings=None: self.compute_centers(X, epoch, shard_embeddings))
         if not (whole_set_refresh or self._eval_labels is not None or epoch + 1 == self.total_epochs):
             # A large set without labels: the refresh encodes its sample only, and the epoch
             # reports no whole-set metrics (they would cost a forward pass over every row).
-            self.state["centers"] = self.compute_centers(X, epoch + 1)
+            self.state["centers"] = refresh(X, groups, epoch + 1)
             return None
         with self.timed("encode"):
             h = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-        self.state["centers"] = self.compute_centers(X, epoch + 1, shard_embeddings=h if whole_set_refresh else None)
+        self.state["centers"] = refresh(X, groups, epoch + 1, shard_embeddings=h if whole_set_refresh else None)
         with self.timed("metrics"):
-            return self.predict_embeddings(h)
+            self.fit_group_offsets(h, self.local(groups), X.shape[0])
+            return self.predict_embeddings(h, self.local(groups))
 
     def finalize(self, X, groups):
         if "centers" not in self.state:       # epochs == 0: cluster the untrained embeddings
-            self.state["centers"] = self.compute_centers(X, 0)
-        return self.predict_embeddings(encode_all(self.model, self.local(X), self.config.eval_chunk_size))
+            self.state["centers"] = self.compute_matched_centers(X, groups, 0) if self.matched \
+                else self.compute_centers(X, 0)
+        h = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
+        self.fit_group_offsets(h, self.local(groups), X.shape[0])
+        return self.predict_embeddings(h, self.local(groups))
 
-    def predict_embeddings(self, z):
+    def fit_group_offsets(self, h, groups, num_rows: int) -> None:
+        """With matched centers and balanced_assignment, the per-(group, cluster) logit offsets
+        of the current model (matched_centers.group_offsets), stored for predict. h: the
+        embeddings of this rank's shard of the num_rows rows; above kmeans_sample_size rows
+        they are fitted on a seeded sample of the whole set (each rank takes the sampled rows
+        of its shard), so W processes fit the same offsets as one."""
+        cfg = self.config
+        if not (self.matched and cfg.balanced_assignment):
+            return
+        if cfg.kmeans_sample_size is not None and num_rows > cfg.kmeans_sample_size:
+            generator = torch.Generator().manual_seed(cfg.seed * 7_368_787 + 17)
+            rows = torch.randperm(num_rows, generator=generator)[:cfg.kmeans_sample_size].sort().values
+            shard = self.eval_shard
+            mine = rows[(rows >= shard.start) & (rows < shard.stop)] - shard.start
+            h, groups = h[mine.to(h.device)], groups[mine.to(groups.device)]
+        h_unit = F.normalize(h, dim=1)
+        chunks = [matched.matched_scores(h_unit, self.state["centers"], groups, start, start + cfg.eval_chunk_size)
+                  for start in range(0, h.shape[0], cfg.eval_chunk_size)]
+        logits = (torch.cat(chunks) if chunks else h.new_zeros((0, cfg.n_clusters))) / cfg.tau
+        self.state["group_offsets"] = matched.group_offsets(logits, groups, self.num_groups,
+                                                            self.parallel.process_group)
+
+    def predict_embeddings(self, z, groups=None):
+        if self.matched:
+            if groups is None:
+                raise ValueError("groups is required: this FCMI model has per-group centers (centers='matched'), "
+                                 "so a row's cluster depends on its group; pass predict(X, groups)")
+            return matched.argmax_matched(z, self.state["centers"], groups, self.config.eval_chunk_size,
+                                          self.config.tau, self.state.get("group_offsets"))
         return argmax_cosine(z, self.state["centers"], self.config.eval_chunk_size)
 
     @property
     def cluster_centers_(self):
+        """[K, d] shared centers, or [T, K, d] per-group ones (centers="matched")."""
         return self.state["centers"].cpu().numpy()

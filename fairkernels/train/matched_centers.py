@@ -1,0 +1,186 @@
+"""Group-matched cluster centers for FCMI: K centers per protected group, with center k of
+every group the counterpart of center k of the reference group (docs/math.md §8).
+
+Why: FCMI's loss L_rec + alpha L_clu + beta L_fair is the same for every pairing of one group's
+clusters with another's, so with one shared set of centers the fairness term merges the groups'
+clusters in whichever pairing is nearest in the embedding (on digits-reverse: original "1"s
+with reversed "0"s, ACC 0.40 for the authors' code and ours). Here the pairing is decided once,
+when clustering starts, by the clusters' relative geometry inside each group
+(fairkernels.matching), and each row is then scored against its own group's centers:
+
+    logits_ik = cos(h_i, u_{g_i, k}) / tau,
+
+so L_fair asks every matched cluster k to hold the same share of every group and L_clu
+sharpens each group's own clusters. The pairing is found on the input features: an encoder
+trained to reconstruct distorts the groups' geometries differently, while a change of
+appearance such as reversal (x -> 1 - x) is an isometry of the input (measured on
+digits-reverse: 100% of clusters paired correctly from the inputs, 0-20% from the warm-up
+embedding; benchmarks/results/fidelity_matched.csv).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairkernels.kmeans import kmeans
+from fairkernels.matching import match_clusters
+
+__all__ = ["groups_separated_mnce", "input_matching", "centers_from_labels", "assign_matched", "refresh_matched",
+           "matched_logits", "group_offsets", "argmax_matched"]
+
+
+def _best_kmeans(x: torch.Tensor, n_clusters: int, restarts: int, seed: int, max_rows: int | None):
+    """Euclidean k-means of x, best inertia of `restarts` seeded runs (stable enough that two
+    groups related by an isometry get the same partition). max_rows caps the Lloyd rows."""
+    best = None
+    sample = max_rows if max_rows is not None and max_rows < x.shape[0] else None
+    for restart in range(restarts):
+        result = kmeans(x, n_clusters, seed=seed + restart, sample_size=sample)
+        if best is None or result.inertia < best.inertia:
+            best = result
+    return best
+
+
+def groups_separated_mnce(X: torch.Tensor, groups: torch.Tensor, num_groups: int, n_clusters: int, *,
+                          seed: int, max_rows: int | None) -> float:
+    """MNCE (docs/math.md §5) of one joint Euclidean k-means of the inputs (of max_rows seeded
+    rows): near 0 when the groups occupy separate regions of the input space, as when one group
+    is an intensity-reversed copy of the other (digits-reverse: 0.0; UCI Adult by sex: 0.85)."""
+    from fairkernels.metrics import mnce
+    rows = torch.arange(X.shape[0])
+    if max_rows is not None and max_rows < X.shape[0]:
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(X.shape[0], generator=generator)[:max_rows]
+    result = _best_kmeans(X[rows.to(X.device)], n_clusters, 3, seed, None)
+    return float(mnce(result.labels.cpu().numpy(), groups[rows.to(groups.device)].cpu().numpy(), num_groups))
+
+
+def input_matching(X: torch.Tensor, groups: torch.Tensor, num_groups: int, n_clusters: int, *,
+                   restarts: int, seed: int, max_rows: int | None) -> torch.Tensor:
+    """Matched cluster labels of every row (int64, N): each group is clustered on its own input
+    features, and its clusters are renumbered so that cluster k pairs with cluster k of the
+    reference group (the largest) by relative geometry. Needs >= n_clusters rows per group."""
+    sizes = torch.bincount(groups, minlength=num_groups)
+    reference = int(sizes.argmax())
+    results = {t: _best_kmeans(X[groups == t], n_clusters, restarts, seed + 7919 * t, max_rows)
+               for t in range(num_groups) if sizes[t] > 0}
+    labels = torch.empty(X.shape[0], dtype=torch.int64, device=X.device)
+    ref_centers = results[reference].centers.double().cpu().numpy()
+    for t, result in results.items():
+        if t == reference:
+            renumber = torch.arange(n_clusters)
+        else:
+            perm = match_clusters(ref_centers, result.centers.double().cpu().numpy(), seed=seed)
+            renumber = torch.as_tensor(np.argsort(perm))          # group-t cluster perm[k] -> k
+        labels[groups == t] = renumber.to(X.device)[result.labels]
+    return labels
+
+
+def _grouped_sums(h_unit, groups, labels, num_groups, n_clusters, process_group):
+    index = groups * n_clusters + labels
+    sums = torch.zeros(num_groups * n_clusters, h_unit.shape[1], dtype=torch.float64, device=h_unit.device)
+    sums.index_add_(0, index, h_unit.double())
+    if process_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(sums, group=None if process_group is True else process_group)
+    return sums.view(num_groups, n_clusters, -1)
+
+
+def centers_from_labels(h_unit, groups, labels, num_groups: int, n_clusters: int, process_group=None,
+                        fallback=None):
+    """Unit centers [T, K, d]: the normalised mean of each (group, cluster)'s unit embeddings.
+    A (group, cluster) with no rows keeps `fallback`'s center, or else the group's mean."""
+    sums = _grouped_sums(h_unit, groups, labels, num_groups, n_clusters, process_group)
+    empty = sums.norm(dim=2) == 0
+    if empty.any():
+        if fallback is not None:
+            sums[empty] = fallback.double()[empty]
+        else:
+            group_mean = sums.sum(1, keepdim=True).expand_as(sums)
+            sums[empty] = group_mean[empty]
+    return F.normalize(sums, dim=2).to(h_unit.dtype)
+
+
+def assign_matched(h_unit, centers, groups, chunk_size: int) -> torch.Tensor:
+    """argmax_k cos(h_i, u_{g_i, k}) for unit rows h_unit, chunked so no N x T x K tensor."""
+    T, K, d = centers.shape
+    flat = F.normalize(centers, dim=2).reshape(T * K, d).t()
+    out = []
+    for start in range(0, h_unit.shape[0], chunk_size):
+        stop = start + chunk_size
+        scores = (h_unit[start:stop] @ flat).view(-1, T, K)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        out.append(scores[rows, groups[start:stop]].argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=h_unit.device)
+
+
+def refresh_matched(h_unit, groups, centers, n_iter: int, chunk_size: int, process_group=None):
+    """n_iter spherical Lloyd iterations of every group's centers from `centers` (warm start,
+    so cluster k stays cluster k in every group): one assignment and one grouped sum per
+    iteration, all-reduced under DDP."""
+    T, K, _ = centers.shape
+    for _ in range(n_iter):
+        labels = assign_matched(h_unit, centers, groups, chunk_size)
+        centers = centers_from_labels(h_unit, groups, labels, T, K, process_group, fallback=centers)
+    return centers
+
+
+def matched_logits(h, centers, groups, tau: float) -> torch.Tensor:
+    """logits_ik = cos(h_i, u_{g_i, k}) / tau (B x K), differentiable in h."""
+    T, K, d = centers.shape
+    scores = F.normalize(h, dim=1) @ F.normalize(centers, dim=2).reshape(T * K, d).t()
+    rows = torch.arange(h.shape[0], device=h.device)
+    return scores.view(-1, T, K)[rows, groups] / tau
+
+
+def _all_reduce(tensor, process_group):
+    if process_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(tensor, group=None if process_group is True else process_group)
+    return tensor
+
+
+def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter: int = 200,
+                  tol: float = 1e-6) -> torch.Tensor:
+    """Per-(group, cluster) logit offsets b [T, K] such that every group's mean soft assignment
+    softmax(logits_i + b_{g_i}) equals the whole set's mean softmax(logits_i) (docs/math.md
+    §8): the fixed point of b_t <- b_t + log p - log q_t, a Sinkhorn balancing of each group's
+    rows against the shared cluster shares p. With matched centers cluster k is the same
+    cluster in every group, so equal shares are what the fairness term asks for; the argmax
+    with these offsets turns them into hard assignments without retraining. Rows from all
+    ranks count (sums all-reduced). Groups with no rows get offset 0."""
+    T, K = num_groups, logits.shape[1]
+    L = logits.double()
+    counts = _all_reduce(torch.bincount(groups, minlength=T).double(), process_group)
+    total = _all_reduce(torch.softmax(L, 1).sum(0), process_group)
+    log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
+    b = torch.zeros(T, K, dtype=torch.float64, device=L.device)
+    present = counts > 0
+    for _ in range(max_iter):
+        soft = torch.softmax(L + b[groups], 1)
+        sums = _all_reduce(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
+                           process_group)
+        log_q = torch.log(sums[present] / counts[present, None]).clamp_min(-80.0)
+        step = log_p - log_q
+        b[present] += step
+        if float(step.abs().max()) <= tol:
+            break
+    return b.to(logits.dtype)
+
+
+def matched_scores(h_unit, centers, groups, start: int, stop: int) -> torch.Tensor:
+    T, K, d = centers.shape
+    scores = (h_unit[start:stop] @ F.normalize(centers, dim=2).reshape(T * K, d).t()).view(-1, T, K)
+    return scores[torch.arange(scores.shape[0], device=scores.device), groups[start:stop]]
+
+
+def argmax_matched(h, centers, groups, chunk_size: int, tau: float | None = None, offsets=None) -> torch.Tensor:
+    """argmax_k (cos(h_i, u_{g_i,k}) / tau + offsets[g_i, k]); offsets None: plain cosine."""
+    if offsets is None:
+        return assign_matched(F.normalize(h, dim=1), centers, groups, chunk_size)
+    h_unit = F.normalize(h, dim=1)
+    out = [(matched_scores(h_unit, centers, groups, start, start + chunk_size) / tau
+            + offsets[groups[start:start + chunk_size]]).argmax(1)
+           for start in range(0, h.shape[0], chunk_size)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=h.device)

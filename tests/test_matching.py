@@ -1,0 +1,131 @@
+"""Cluster matching across groups (fairkernels.matching) and the FCMI trainer's matched centers
+(fairkernels.train.matched_centers): pairings recovered under transformations that keep the
+clusters' relative geometry, balanced offsets, and the trainer end to end."""
+import numpy as np
+import pytest
+import torch
+
+from fairkernels import data, metrics
+from fairkernels.matching import geometry_mismatch, match_clusters
+from fairkernels.train import make_trainer
+from fairkernels.train import matched_centers as matched
+
+
+def _random_centers(rng, K, D):
+    return rng.normal(size=(K, D)) * 3.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("K", [3, 7, 12])
+def test_geometry_pairs_reflected_rotated_shifted_copies(seed, K):
+    rng = np.random.default_rng(seed)
+    C = _random_centers(rng, K, 16)
+    Q, _ = np.linalg.qr(rng.normal(size=(16, 16)))        # a random rotation / reflection
+    perm = rng.permutation(K)
+    transformed = (5.0 - C) @ Q + rng.normal(size=16) * 10      # reversal, rotation, shift
+    shuffled = np.empty_like(transformed)
+    shuffled[perm] = transformed                          # row perm[k] of the copy is center k
+    shuffled += rng.normal(size=shuffled.shape) * 0.01    # the per-group k-means do not agree exactly
+    found = match_clusters(C, shuffled, seed=seed)
+    np.testing.assert_array_equal(found, perm)
+    assert geometry_mismatch(C, shuffled, found) < 0.01
+    assert found.dtype == np.int64
+
+
+def test_nearest_pairing_settles_what_geometry_cannot():
+    # K = 2: one distance, so both pairings keep the geometry; the centred similarity decides.
+    reference = np.array([[0.0, 0.0], [4.0, 1.0]])
+    np.testing.assert_array_equal(match_clusters(reference, reference[::-1] + 100.0), [1, 0])
+    np.testing.assert_array_equal(match_clusters(reference, reference + 0.1), [0, 1])
+    # An equilateral triangle is symmetric: every pairing fits, the shifted copy is paired as is.
+    triangle = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
+    np.testing.assert_array_equal(match_clusters(triangle, triangle + 7.0), [0, 1, 2])
+    np.testing.assert_array_equal(match_clusters(triangle[:1], triangle[:1] + 1.0), [0])
+
+
+def test_reversal_beats_nearest_center():
+    # Intensity reversal x -> 1 - x maps each center to 1 - c: the nearest reversed center is
+    # usually another cluster's, the geometry still pairs each with its own reversal.
+    rng = np.random.default_rng(3)
+    C = rng.random((10, 64)) ** 3
+    perm = rng.permutation(10)
+    reversed_centers = np.empty_like(C)
+    reversed_centers[perm] = 1.0 - C
+    np.testing.assert_array_equal(match_clusters(C, reversed_centers), perm)
+    np.testing.assert_array_equal(match_clusters(C, reversed_centers, tolerance=10.0),
+                                  match_clusters(C, reversed_centers, tolerance=10.0))   # deterministic
+
+
+def test_matching_rejects_bad_input():
+    good = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        match_clusters(good, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="reference must be a .K, D. matrix"):
+        match_clusters(np.zeros(3), good)
+    with pytest.raises(ValueError, match="centers must be finite"):
+        match_clusters(good, np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        match_clusters(good, good, tolerance=-1)
+
+
+def test_group_offsets_equalise_every_groups_cluster_shares():
+    torch.manual_seed(0)
+    groups = torch.cat([torch.zeros(300, dtype=torch.int64), torch.ones(200, dtype=torch.int64)])
+    logits = torch.randn(500, 4, dtype=torch.float64) * 2
+    logits[groups == 1, 0] += 2.0                         # group 1 leans to cluster 0
+    offsets = matched.group_offsets(logits, groups, 3)    # group 2 has no rows
+    assert offsets.shape == (3, 4) and torch.all(offsets[2] == 0)
+    p = torch.softmax(logits, 1).mean(0)
+    for t in (0, 1):
+        q = torch.softmax(logits[groups == t] + offsets[t], 1).mean(0)
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_refresh_keeps_cluster_identity_per_group():
+    rng = np.random.default_rng(0)
+    base = torch.as_tensor(rng.normal(size=(3, 5)) * 4)
+    rows = torch.cat([base[k] + 0.3 * torch.randn(40, 5, dtype=torch.float64) for k in range(3)])
+    h = torch.cat([rows, -rows])                          # group 1: the reflection of group 0
+    groups = torch.repeat_interleave(torch.tensor([0, 1]), 120)
+    truth = torch.arange(3).repeat_interleave(40).repeat(2)
+    h_unit = torch.nn.functional.normalize(h, dim=1)
+    start = matched.centers_from_labels(h_unit, groups, truth, 2, 3)
+    refreshed = matched.refresh_matched(h_unit, groups, start + 0.05, n_iter=5, chunk_size=64)
+    assert torch.equal(matched.assign_matched(h_unit, refreshed, groups, 64), truth)
+
+
+def test_fcmi_matched_centers_pair_reversed_groups():
+    """The appearance set (group 1 sees every feature reversed): shared centers pair the groups'
+    clusters arbitrarily, matched centers pair them by class."""
+    ds = data.load("appearance", n=1200, seed=0)
+    common = dict(n_clusters=10, epochs=14, warmup_epochs=6, width=0.25, progress=False, verbose=False, seed=0)
+    fcmi = make_trainer("fcmi", **common).fit(ds.X, ds.groups, ds.y)
+    assert fcmi.centers_info["mode"] == "matched" and fcmi.centers_info["joint_input_mnce"] < 0.1
+    shared = make_trainer("fcmi", centers="shared", **common).fit(ds.X, ds.groups, ds.y)
+    got, base = (metrics.evaluate(ds.y, t.labels_, ds.groups) for t in (fcmi, shared))
+    assert got["acc"] > 0.7 and got["acc"] > base["acc"] + 0.2
+    assert got["bal"] > 0.6 and got["mnce"] > 0.95
+    np.testing.assert_array_equal(fcmi.predict(ds.X, ds.groups), fcmi.labels_)
+    assert fcmi.state["group_offsets"].shape == (2, 10)
+
+
+def test_auto_keeps_shared_centers_when_groups_already_mix():
+    ds = data.load("synthetic", n=400, dim=6, n_clusters=3, n_groups=2, bias=0.0, seed=2)
+    trainer = make_trainer("fcmi", n_clusters=3, epochs=3, warmup_epochs=1, width=0.05, progress=False,
+                           verbose=False).fit(ds.X, ds.groups)
+    assert trainer.centers_info["mode"] == "shared" and trainer.centers_info["joint_input_mnce"] > 0.5
+    assert trainer.cluster_centers_.shape == (3, 3)
+    np.testing.assert_array_equal(trainer.predict(ds.X), trainer.labels_)
+
+
+def test_matched_needs_enough_rows_per_group():
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    groups = np.r_[np.zeros(55, int), np.ones(5, int)]
+    small = dict(n_clusters=8, epochs=2, warmup_epochs=1, width=0.05, progress=False, verbose=False)
+    with pytest.raises(ValueError, match="a group has only 5 rows for n_clusters=8; use centers='shared'"):
+        make_trainer("fcmi", centers="matched", **small).fit(X, groups)
+    assert make_trainer("fcmi", **small).fit(X, groups).centers_info == {"mode": "shared"}
+    with pytest.raises(ValueError, match="center_refresh='warm'"):
+        make_trainer("fcmi", centers="matched", center_refresh="restart", **small)
+    with pytest.raises(ValueError, match="centers must be 'auto', 'matched' or 'shared'"):
+        make_trainer("fcmi", centers="per-group", **small)
