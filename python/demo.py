@@ -3,9 +3,10 @@ is and once with reversed intensities, the reversal being the protected group).
 
 An unconstrained autoencoder separates originals from reversed digits, so AE + k-means builds
 clusters of a single group (Balance and MNCE near 0). FCMI's I(G;C) term makes every cluster
-mix both groups. FCMI runs at the library's defaults (the authors' recipe) except width=0.25,
-a quarter of the paper's layer widths, so that both runs finish in about a minute on a 2-core
-CPU; benchmarks/fidelity.py has the 3-seed table at the same width.
+mix both groups, and its default group-matched centers (docs/math.md §8) pair each original
+digit's cluster with its reversed copy's. FCMI runs at the library's defaults except width=0.25,
+a quarter of the paper's layer widths, so that both runs finish in about 20 s on a 2-core CPU;
+benchmarks/fidelity.py has the multi-seed table at the same width.
 
     python python/demo.py [--out runs/demo] [--device cpu] [--epochs 100] [--width 0.25]
 """
