@@ -314,6 +314,26 @@ class Trainer(abc.ABC):
         self.parallel.average_gradients(params)
 
     @torch.no_grad()
+    def refresh_embeddings(self, X: torch.Tensor, epoch: int, shard_embeddings=None):
+        """(generator, rows, local_rows, embeddings) of a center refresh: rows are the whole
+        set's, or a fresh seeded sample of config.kmeans_sample_size of them (the same on every
+        rank); local_rows this rank's share of them (None: self.local(X)), and embeddings
+        theirs (shard_embeddings, the embeddings of self.local(X), when the caller has them).
+        The generator continues the sample's stream (e.g. for k-means++ seeding rows)."""
+        cfg, par = self.config, self.parallel
+        num_rows = X.shape[0]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        sample_size = cfg.kmeans_sample_size
+        with self.timed("encode"):
+            if sample_size is None or sample_size >= num_rows:
+                local = shard_embeddings if shard_embeddings is not None else \
+                    encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+                return generator, torch.arange(num_rows), None, local
+            rows = torch.randperm(num_rows, generator=generator)[:max(sample_size, par.world_size)].sort().values
+            local_rows = rows[par.shard(rows.shape[0])].to(X.device)
+            return generator, rows, local_rows, encode_all(self.model, X[local_rows], cfg.eval_chunk_size)
+
+    @torch.no_grad()
     def refresh_kmeans(self, X: torch.Tensor, epoch: int, *, spherical: bool, shard_embeddings=None,
                        init_centers=None, n_iter=None):
         """k-means centers of the embeddings of the set (or of a fresh sample of
@@ -327,20 +347,9 @@ class Trainer(abc.ABC):
         k-means++; n_iter: Lloyd iterations (default config.kmeans_iter)."""
         from fairkernels.kmeans import SEED_POINTS_PER_CLUSTER, SEED_SAMPLE_MIN, kmeans
         cfg, par = self.config, self.parallel
-        num_rows = X.shape[0]
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        sample_size = cfg.kmeans_sample_size
-        with self.timed("encode"):
-            if sample_size is None or sample_size >= num_rows:
-                rows = torch.arange(num_rows)
-                local = shard_embeddings if shard_embeddings is not None else \
-                    encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-            else:
-                rows = torch.randperm(num_rows, generator=generator)[:max(sample_size, par.world_size)].sort().values
-                local_rows = rows[par.shard(rows.shape[0])].to(X.device)
-                local = encode_all(self.model, X[local_rows], cfg.eval_chunk_size)
-            if spherical:
-                local = F.normalize(local, dim=1)
+        generator, rows, _, local = self.refresh_embeddings(X, epoch, shard_embeddings)
+        if spherical:
+            local = F.normalize(local, dim=1)
         with self.timed("kmeans"):
             if init_centers is None:
                 seed_count = min(rows.shape[0], max(SEED_POINTS_PER_CLUSTER * cfg.n_clusters, SEED_SAMPLE_MIN))

@@ -108,26 +108,21 @@ class FCMITrainer(Trainer):
                     encode_all(self.model, self.local(X), cfg.eval_chunk_size)
             return matched.centers_from_labels(F.normalize(h, dim=1), self.local(groups), self.local(labels),
                                                self.num_groups, cfg.n_clusters, par.process_group)
-        num_rows = X.shape[0]
-        with self.timed("encode"):
-            if shard_embeddings is not None:
-                h, rows_groups = shard_embeddings, self.local(groups)
-            elif cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= num_rows:
-                h, rows_groups = encode_all(self.model, self.local(X), cfg.eval_chunk_size), self.local(groups)
-            else:
-                generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-                rows = torch.randperm(num_rows, generator=generator)[:max(cfg.kmeans_sample_size, par.world_size)]
-                rows = rows.sort().values
-                local_rows = rows[par.shard(rows.shape[0])].to(X.device)
-                h, rows_groups = encode_all(self.model, X[local_rows], cfg.eval_chunk_size), groups[local_rows]
+        _, _, local_rows, h = self.refresh_embeddings(X, epoch, shard_embeddings)
+        rows_groups = self.local(groups) if local_rows is None else groups[local_rows]
         with self.timed("kmeans"):
             return matched.refresh_matched(F.normalize(h, dim=1), rows_groups, previous.to(h.dtype),
                                            cfg.refresh_iter, cfg.eval_chunk_size, par.process_group)
 
+    def refresh_centers(self, X, groups, epoch, shard_embeddings=None):
+        """The centers of `epoch`: per-group ones with matched centers, else shared ones."""
+        if self.matched:
+            return self.compute_matched_centers(X, groups, epoch, shard_embeddings)
+        return self.compute_centers(X, epoch, shard_embeddings)
+
     def begin_epoch(self, epoch, phase, X, groups):
         if phase == "fcmi" and "centers" not in self.state:
-            self.state["centers"] = self.compute_matched_centers(X, groups, epoch) if self.matched \
-                else self.compute_centers(X, epoch)
+            self.state["centers"] = self.refresh_centers(X, groups, epoch)
 
     def batch_losses(self, phase, index, x, groups):
         h, x_hat = self.train_forward(x, groups)
@@ -164,24 +159,22 @@ class FCMITrainer(Trainer):
         # The centers of epoch + 1 (the model no longer changes before it starts).
         cfg = self.config
         whole_set_refresh = cfg.kmeans_sample_size is None or cfg.kmeans_sample_size >= X.shape[0]
-        refresh = self.compute_matched_centers if self.matched else \
-            (lambda X, groups, epoch, shard_embeddings=None: self.compute_centers(X, epoch, shard_embeddings))
         if not (whole_set_refresh or self._eval_labels is not None or epoch + 1 == self.total_epochs):
             # A large set without labels: the refresh encodes its sample only, and the epoch
             # reports no whole-set metrics (they would cost a forward pass over every row).
-            self.state["centers"] = refresh(X, groups, epoch + 1)
+            self.state["centers"] = self.refresh_centers(X, groups, epoch + 1)
             return None
         with self.timed("encode"):
             h = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-        self.state["centers"] = refresh(X, groups, epoch + 1, shard_embeddings=h if whole_set_refresh else None)
+        self.state["centers"] = self.refresh_centers(X, groups, epoch + 1,
+                                                     shard_embeddings=h if whole_set_refresh else None)
         with self.timed("metrics"):
             self.fit_group_offsets(h, self.local(groups), X.shape[0])
             return self.predict_embeddings(h, self.local(groups))
 
     def finalize(self, X, groups):
         if "centers" not in self.state:       # epochs == 0: cluster the untrained embeddings
-            self.state["centers"] = self.compute_matched_centers(X, groups, 0) if self.matched \
-                else self.compute_centers(X, 0)
+            self.state["centers"] = self.refresh_centers(X, groups, 0)
         h = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
         self.fit_group_offsets(h, self.local(groups), X.shape[0])
         return self.predict_embeddings(h, self.local(groups))
@@ -201,10 +194,8 @@ class FCMITrainer(Trainer):
             shard = self.eval_shard
             mine = rows[(rows >= shard.start) & (rows < shard.stop)] - shard.start
             h, groups = h[mine.to(h.device)], groups[mine.to(groups.device)]
-        h_unit = F.normalize(h, dim=1)
-        chunks = [matched.matched_scores(h_unit, self.state["centers"], groups, start, start + cfg.eval_chunk_size)
-                  for start in range(0, h.shape[0], cfg.eval_chunk_size)]
-        logits = (torch.cat(chunks) if chunks else h.new_zeros((0, cfg.n_clusters))) / cfg.tau
+        # kmeans_sample_size rows at most (the whole set when it is None): small N x K logits.
+        logits = matched.matched_logits(h, self.state["centers"], groups, cfg.tau)
         self.state["group_offsets"] = matched.group_offsets(logits, groups, self.num_groups,
                                                             self.parallel.process_group)
 

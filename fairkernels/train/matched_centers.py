@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fairkernels.distributed import all_reduce_
 from fairkernels.kmeans import kmeans
 from fairkernels.matching import match_clusters
 
-__all__ = ["groups_separated_mnce", "input_matching", "centers_from_labels", "assign_matched", "refresh_matched",
-           "matched_logits", "group_offsets", "argmax_matched"]
+__all__ = ["groups_separated_mnce", "input_matching", "centers_from_labels", "own_group_scores", "assign_matched",
+           "refresh_matched", "matched_logits", "group_offsets", "argmax_matched"]
 
 
 def _best_kmeans(x: torch.Tensor, n_clusters: int, restarts: int, seed: int, max_rows: int | None):
@@ -81,10 +82,7 @@ def _grouped_sums(h_unit, groups, labels, num_groups, n_clusters, process_group)
     index = groups * n_clusters + labels
     sums = torch.zeros(num_groups * n_clusters, h_unit.shape[1], dtype=torch.float64, device=h_unit.device)
     sums.index_add_(0, index, h_unit.double())
-    if process_group is not None:
-        import torch.distributed as dist
-        dist.all_reduce(sums, group=None if process_group is True else process_group)
-    return sums.view(num_groups, n_clusters, -1)
+    return all_reduce_(sums, process_group).view(num_groups, n_clusters, -1)
 
 
 def centers_from_labels(h_unit, groups, labels, num_groups: int, n_clusters: int, process_group=None,
@@ -102,17 +100,27 @@ def centers_from_labels(h_unit, groups, labels, num_groups: int, n_clusters: int
     return F.normalize(sums, dim=2).to(h_unit.dtype)
 
 
-def assign_matched(h_unit, centers, groups, chunk_size: int) -> torch.Tensor:
-    """argmax_k cos(h_i, u_{g_i, k}) for unit rows h_unit, chunked so no N x T x K tensor."""
+def own_group_scores(h_unit, centers, groups) -> torch.Tensor:
+    """cos(h_i, u_{g_i, k}) (B x K) for unit rows: one B x (T K) product, then each row's own
+    group's K columns (differentiable in h_unit)."""
     T, K, d = centers.shape
-    flat = F.normalize(centers, dim=2).reshape(T * K, d).t()
+    scores = (h_unit @ F.normalize(centers, dim=2).reshape(T * K, d).t()).view(-1, T, K)
+    return scores[torch.arange(scores.shape[0], device=scores.device), groups]
+
+
+def _chunked_argmax(h_unit, centers, groups, chunk_size: int, tau=None, offsets=None) -> torch.Tensor:
     out = []
     for start in range(0, h_unit.shape[0], chunk_size):
-        stop = start + chunk_size
-        scores = (h_unit[start:stop] @ flat).view(-1, T, K)
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        out.append(scores[rows, groups[start:stop]].argmax(1))
+        scores = own_group_scores(h_unit[start:start + chunk_size], centers, groups[start:start + chunk_size])
+        if offsets is not None:
+            scores = scores / tau + offsets[groups[start:start + chunk_size]]
+        out.append(scores.argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=h_unit.device)
+
+
+def assign_matched(h_unit, centers, groups, chunk_size: int) -> torch.Tensor:
+    """argmax_k cos(h_i, u_{g_i, k}) for unit rows h_unit, chunked so no N x T x K tensor."""
+    return _chunked_argmax(h_unit, centers, groups, chunk_size)
 
 
 def refresh_matched(h_unit, groups, centers, n_iter: int, chunk_size: int, process_group=None):
@@ -128,17 +136,7 @@ def refresh_matched(h_unit, groups, centers, n_iter: int, chunk_size: int, proce
 
 def matched_logits(h, centers, groups, tau: float) -> torch.Tensor:
     """logits_ik = cos(h_i, u_{g_i, k}) / tau (B x K), differentiable in h."""
-    T, K, d = centers.shape
-    scores = F.normalize(h, dim=1) @ F.normalize(centers, dim=2).reshape(T * K, d).t()
-    rows = torch.arange(h.shape[0], device=h.device)
-    return scores.view(-1, T, K)[rows, groups] / tau
-
-
-def _all_reduce(tensor, process_group):
-    if process_group is not None:
-        import torch.distributed as dist
-        dist.all_reduce(tensor, group=None if process_group is True else process_group)
-    return tensor
+    return own_group_scores(F.normalize(h, dim=1), centers, groups) / tau
 
 
 def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter: int = 200,
@@ -152,14 +150,14 @@ def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter:
     ranks count (sums all-reduced). Groups with no rows get offset 0."""
     T, K = num_groups, logits.shape[1]
     L = logits.double()
-    counts = _all_reduce(torch.bincount(groups, minlength=T).double(), process_group)
-    total = _all_reduce(torch.softmax(L, 1).sum(0), process_group)
+    counts = all_reduce_(torch.bincount(groups, minlength=T).double(), process_group)
+    total = all_reduce_(torch.softmax(L, 1).sum(0), process_group)
     log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
     b = torch.zeros(T, K, dtype=torch.float64, device=L.device)
     present = counts > 0
     for _ in range(max_iter):
         soft = torch.softmax(L + b[groups], 1)
-        sums = _all_reduce(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
+        sums = all_reduce_(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
                            process_group)
         log_q = torch.log(sums[present] / counts[present, None]).clamp_min(-80.0)
         step = log_p - log_q
@@ -169,18 +167,6 @@ def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter:
     return b.to(logits.dtype)
 
 
-def matched_scores(h_unit, centers, groups, start: int, stop: int) -> torch.Tensor:
-    T, K, d = centers.shape
-    scores = (h_unit[start:stop] @ F.normalize(centers, dim=2).reshape(T * K, d).t()).view(-1, T, K)
-    return scores[torch.arange(scores.shape[0], device=scores.device), groups[start:stop]]
-
-
 def argmax_matched(h, centers, groups, chunk_size: int, tau: float | None = None, offsets=None) -> torch.Tensor:
     """argmax_k (cos(h_i, u_{g_i,k}) / tau + offsets[g_i, k]); offsets None: plain cosine."""
-    if offsets is None:
-        return assign_matched(F.normalize(h, dim=1), centers, groups, chunk_size)
-    h_unit = F.normalize(h, dim=1)
-    out = [(matched_scores(h_unit, centers, groups, start, start + chunk_size) / tau
-            + offsets[groups[start:start + chunk_size]]).argmax(1)
-           for start in range(0, h.shape[0], chunk_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=h.device)
+    return _chunked_argmax(F.normalize(h, dim=1), centers, groups, chunk_size, tau, offsets)
