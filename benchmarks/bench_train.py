@@ -88,13 +88,12 @@ def _loss_step(trainer, h, g, batches: int):
                                                                   backend=cfg.backend, check_inputs=False)
                 (trainer.alpha * l_clu + cfg.beta * l_fair).backward()
         return step
-    mu = trainer.mu.detach().clone().requires_grad_(True)
     target = trainer.state["target"][:h.shape[0]]
 
     def step():
         for _ in range(batches):
-            q = fk.student_t_assign(h, mu, cfg.alpha, backend=cfg.backend)
-            loss = fk.dfc_loss(q, h, g, trainer.num_groups, cfg.effective_gamma, cfg.alpha, cfg.beta,
+            q = trainer.assign(h, g, check_inputs=False)   # shared or per-group (matched) centroids
+            loss = fk.dfc_loss(q, h, g, trainer.num_groups, trainer.gamma, cfg.alpha, cfg.beta,
                                target=target, backend=cfg.backend, check_inputs=False)[0]
             loss.backward()
     return step

@@ -125,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--alpha", "alpha", float, "FCMI weight of L_clu (None: 0.04 with shared centers, 0.1 with matched)",
          "fcmi"),
         ("--beta", "beta", float, "FCMI weight of L_fair", "fcmi"),
-        ("--gamma", "gamma", float, "DFC weight of the fairness loss", "dfc"),
+        ("--gamma", "gamma", float, "DFC weight of the fairoid loss (None: 10 with shared centers, 1 with matched)",
+         "dfc"),
         ("--kmeans-iter", "kmeans_iter", int, "Lloyd iterations per center refresh", None),
-        ("--centers", "centers", str, "FCMI centers: auto, matched (per group, paired across groups) or shared",
-         "fcmi"),
+        ("--centers", "centers", str, "centers: auto, matched (per group, paired across groups) or shared", None),
         ("--dtype", "dtype", str, "data and model dtype: float32 or float64", None),
     )
     for flag, field, kind, text, only in method_options:
@@ -254,11 +254,11 @@ def _config_overrides(args, n_clusters: int) -> dict:
                  "progress": not args.no_progress, "checkpoint_dir": os.path.join(args.out, "checkpoints"),
                  "resume": args.resume}
     names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "width": "width", "dtype": "dtype",
-             "kmeans_iter": "kmeans_iter", "kmeans_sample_size": "kmeans_sample_size"}
+             "kmeans_iter": "kmeans_iter", "kmeans_sample_size": "kmeans_sample_size", "centers": "centers"}
     if args.distributed:
         overrides["distributed"] = True
     if args.method == "fcmi":
-        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta", centers="centers")
+        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta")
     else:
         names.update(pretrain_epochs="pretrain_epochs", finetune_epochs="finetune_epochs", gamma="gamma")
     for arg_name in ("warmup", "alpha", "beta", "centers", "gamma", "pretrain_epochs", "finetune_epochs"):

@@ -59,8 +59,8 @@ class _DeepFairClusterer(ClusterMixin, BaseEstimator):
 
     def predict(self, X, groups=None):
         """Cluster of each row of X under the fitted model. groups (the rows' protected groups)
-        is required by FCMI with per-group centers (centers="matched", the default on data
-        with large enough groups) and ignored otherwise."""
+        is required by models with per-group centers (centers="matched", chosen by "auto"
+        when the groups occupy separate regions of the input) and ignored otherwise."""
         trainer = self._fitted()
         self._check_n_features(X)
         return trainer.predict(X, groups)
@@ -111,16 +111,18 @@ class FCMI(_DeepFairClusterer):
 
 class DFC(_DeepFairClusterer):
     """Deep fair clustering with fairoids (Wang & Davidson 2019); method="dec" gives DEC
-    (gamma = 0) and method="ae-km" an SDAE followed by k-means. gamma trades ACC for fairness.
+    (gamma = 0) and method="ae-km" an SDAE followed by k-means. gamma trades ACC for fairness;
+    centers="auto" gives DFC per-group matched centroids where the groups separate in the input
+    (then predict needs the groups).
 
     See fairkernels.train.DFCConfig for every parameter; random_state seeds the run."""
 
     def __init__(self, n_clusters: int = 10, *, method: str = "dfc", latent_dim: Optional[int] = None,
-                 gamma: float = 10.0, beta: float = 1000.0, alpha: float = 1.0, epochs: int = 100,
+                 gamma: Optional[float] = None, beta: float = 1000.0, alpha: float = 1.0, epochs: int = 100,
                  pretrain_epochs: int = 10, finetune_epochs: int = 20, batch_size: int = 256, lr: float = 0.01,
                  momentum: float = 0.9, pretrain_lr: float = 1e-3, dropout: float = 0.2, update_interval: int = 140,
                  target_refresh: str = "auto", target_momentum: float = 0.9,
-                 centroids_from: str = "target", rec_weight: float = 0.0,
+                 centroids_from: str = "target", rec_weight: float = 0.0, centers: str = "auto",
                  width: float = 1.0, kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto",
                  random_state: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
                  progress: bool = False, verbose: bool = False):
@@ -128,6 +130,7 @@ class DFC(_DeepFairClusterer):
         self.method = method
         self.centroids_from = centroids_from
         self.rec_weight = rec_weight
+        self.centers = centers
         self.latent_dim = latent_dim
         self.gamma = gamma
         self.beta = beta

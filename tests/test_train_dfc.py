@@ -44,15 +44,58 @@ def test_ae_kmeans_and_dec_recover_planted_clusters(method, planted):
 
 
 def test_dfc_is_fairer_than_dec_when_groups_shift_the_data(shifted):
+    # The paper's mechanism alone: shared centroids, the fairoid term does the mixing.
     X, groups, y = shifted
     dec = metrics.evaluate(y, make_trainer("dec", **FAST).fit(X, groups).labels_, groups)
-    dfc_trainer = make_trainer("dfc", gamma=3.0, **FAST).fit(X, groups)
+    dfc_trainer = make_trainer("dfc", gamma=3.0, centers="shared", **FAST).fit(X, groups)
     dfc = metrics.evaluate(y, dfc_trainer.labels_, groups)
     assert dec["mnce"] < 0.1                                    # DEC splits by group
     assert dfc["mnce"] > 0.6 and dfc["bal"] > 0.3 and dfc["fwd_mean"] < 0.25
     assert dfc["acc"] >= dec["acc"] - 0.03 and dfc["acc"] > 0.45
     fair = [record["fair"] for record in dfc_trainer.history if record["phase"] == "cluster"]
     assert fair[-1] < fair[0]                                   # the fairoid loss is minimised
+
+
+MATCHED = {**FAST, "width": 0.1, "finetune_epochs": 30}
+
+
+def test_matched_dfc_pairs_the_groups_clusters(shifted):
+    # The groups sit in separate regions of the input: "auto" gives DFC per-group centroids,
+    # paired across groups, and keeps DEC the unconstrained baseline it is.
+    X, groups, y = shifted
+    dec = make_trainer("dec", **MATCHED).fit(X, groups)
+    dfc = make_trainer("dfc", **MATCHED).fit(X, groups)
+    assert dec.centers_info["mode"] == "shared" and dfc.centers_info["mode"] == "matched"
+    assert dfc.centers_info["joint_input_mnce"] < 0.1 and dfc.gamma == 1.0 and dec.gamma == 0.0
+    base, fair = (metrics.evaluate(y, trainer.labels_, groups) for trainer in (dec, dfc))
+    assert base["mnce"] < 0.1                                   # DEC splits by group
+    assert fair["acc"] > 0.9 and fair["bal"] > 0.7 and fair["mnce"] > 0.95 and fair["fwd_mean"] < 0.05
+    assert dfc.cluster_centers_.shape == (2, 3, dfc.config.embedding_dim)
+    np.testing.assert_array_equal(dfc.predict(X, groups), dfc.labels_)
+    with pytest.raises(ValueError, match="groups is required: this DFC model has per-group centers"):
+        dfc.predict(X)
+
+
+def test_balanced_target_gives_every_group_the_whole_sets_shares(shifted):
+    import torch
+    X, groups, _ = shifted
+    trainer = make_trainer("dfc", **{**MATCHED, "epochs": 1}).fit(X, groups)
+    g = torch.as_tensor(groups)
+    # A target whose groups disagree: group 1 puts most of its mass on cluster 0.
+    target = torch.softmax(torch.randn(len(groups), 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                           + 3.0 * (g[:, None] == 1) * torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), 1)
+    balanced = trainer.balanced_target(target, g)
+    shares = torch.stack([balanced[g == t].mean(0) for t in (0, 1)])
+    torch.testing.assert_close(shares[0], shares[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(balanced.sum(1), torch.ones(len(groups), dtype=torch.float64))
+    assert (balanced.argmax(1) == target.argmax(1)).double().mean() > 0.5   # a rescaling, not a new target
+
+
+def test_dfc_keeps_shared_centroids_when_the_groups_mix(planted):
+    X, groups, y = planted                                      # groups drawn independently of the clusters
+    trainer = make_trainer("dfc", **{**FAST, "epochs": 1}).fit(X, groups)
+    assert trainer.centers_info["mode"] == "shared" and trainer.gamma == 10.0
+    assert trainer.cluster_centers_.shape == (3, trainer.config.embedding_dim)
 
 
 def test_dfc_with_reconstruction_trains_the_decoder(shifted):

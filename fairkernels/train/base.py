@@ -184,6 +184,93 @@ class Trainer(abc.ABC):
     def before_training(self, X: torch.Tensor, groups: torch.Tensor) -> None:
         """Choices that depend on the data set (called once per fit, before the first epoch)."""
 
+    # ------------------------------------------------------------------ group-matched centers
+    _centers_mode = "shared"
+
+    @property
+    def matched(self) -> bool:
+        """Per-group centers (config.centers="matched", or "auto" resolved so at fit time)."""
+        return self._centers_mode == "matched"
+
+    def choose_centers(self, X: torch.Tensor, groups: torch.Tensor) -> str:
+        """Resolve config.centers for this data set (docs/math.md §8) into self._centers_mode and
+        record the choice and its evidence in self.centers_info (also in the CLI's
+        metrics.json). Under DDP every rank takes rank 0's joint k-means."""
+        from fairkernels.train import matched_centers as matched
+        cfg = self.config
+        sizes = torch.bincount(groups.cpu(), minlength=self.num_groups)
+        present = sizes[sizes > 0]
+        self.centers_info = {}
+
+        def joint_mnce():
+            with self.timed("kmeans"):
+                value = torch.tensor([matched.groups_separated_mnce(X, groups, self.num_groups, cfg.n_clusters,
+                                                                    seed=cfg.seed, max_rows=cfg.kmeans_sample_size)],
+                                     dtype=torch.float64, device=X.device)
+                self.parallel.broadcast_(value)
+            self.centers_info["joint_input_mnce"] = float(value)
+            return float(value)
+        mode = cfg.centers_mode(present, joint_mnce)
+        if mode == "matched" and int(present.min()) < cfg.n_clusters:
+            raise ValueError(f"centers='matched' clusters every group on its own, but a group has only "
+                             f"{int(present.min())} rows for n_clusters={cfg.n_clusters}; "
+                             f"use centers='shared' (or 'auto')")
+        self.centers_info["mode"] = self._centers_mode = mode
+        return mode
+
+    @torch.no_grad()
+    def paired_input_clusters(self, X: torch.Tensor, groups: torch.Tensor, shard_embeddings=None):
+        """(labels, embeddings) of this rank's shard when matched clustering starts: every
+        group clustered on its input features, its clusters renumbered to pair with the
+        largest group's by relative geometry (matched_centers.input_matching; every rank
+        computes the same pairing, rank 0's is broadcast), and the rows' current embeddings."""
+        from fairkernels.train import matched_centers as matched
+        cfg = self.config
+        with self.timed("kmeans"):
+            labels = matched.input_matching(X, groups, self.num_groups, cfg.n_clusters,
+                                            restarts=cfg.match_restarts, seed=cfg.seed,
+                                            max_rows=cfg.kmeans_sample_size)
+            self.parallel.broadcast_(labels)
+        with self.timed("encode"):
+            z = shard_embeddings if shard_embeddings is not None else \
+                encode_all(self.model, self.local(X), cfg.eval_chunk_size)
+        return self.local(labels), z
+
+    def matched_scores(self, z: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """With matched centers: the B x K logits of rows z against their own group's centers."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-group centers")
+
+    @torch.no_grad()
+    def fit_group_offsets(self, z: torch.Tensor, groups: torch.Tensor, num_rows: int) -> None:
+        """With matched centers and config.balanced_assignment, the per-(group, cluster) logit
+        offsets of the current model (matched_centers.group_offsets), stored for predict. z:
+        the embeddings of this rank's shard of the num_rows rows; above kmeans_sample_size
+        rows they are fitted on a seeded sample of the whole set (each rank takes the sampled
+        rows of its shard), so W processes fit the same offsets as one."""
+        from fairkernels.train import matched_centers as matched
+        cfg = self.config
+        if not (self.matched and cfg.balanced_assignment):
+            return
+        if cfg.kmeans_sample_size is not None and num_rows > cfg.kmeans_sample_size:
+            generator = torch.Generator().manual_seed(cfg.seed * 7_368_787 + 17)
+            rows = torch.randperm(num_rows, generator=generator)[:cfg.kmeans_sample_size].sort().values
+            shard = self.eval_shard
+            mine = rows[(rows >= shard.start) & (rows < shard.stop)] - shard.start
+            z, groups = z[mine.to(z.device)], groups[mine.to(groups.device)]
+        # kmeans_sample_size rows at most (the whole set when it is None): small N x K logits.
+        self.state["group_offsets"] = matched.group_offsets(self.matched_scores(z, groups), groups,
+                                                            self.num_groups, self.parallel.process_group)
+
+    def predict_matched(self, z: torch.Tensor, groups) -> torch.Tensor:
+        """argmax_k of matched_scores plus the balancing offsets, chunked."""
+        from fairkernels.train import matched_centers as matched
+        if groups is None:
+            name = type(self).__name__.removesuffix("Trainer")
+            raise ValueError(f"groups is required: this {name} model has per-group centers "
+                             f"(centers='matched'), so a row's cluster depends on its group; pass predict(X, groups)")
+        return matched.argmax_scores(self.matched_scores, z, groups, self.config.eval_chunk_size,
+                                     self.state.get("group_offsets"))
+
     # ------------------------------------------------------------------ public API
     def fit(self, X, groups, y=None):
         cfg = self.config
@@ -260,7 +347,7 @@ class Trainer(abc.ABC):
 
     def predict(self, X, groups=None) -> np.ndarray:
         """Clusters of the rows of X; groups (their protected groups) is needed by models with
-        per-group centers (FCMI with centers="matched") and ignored by the others."""
+        per-group centers (centers="matched") and ignored by the others."""
         self._check_fitted()
         X_dev = as_float_tensor(X, dtype=self.config.torch_dtype).to(self.device)
         if groups is not None:

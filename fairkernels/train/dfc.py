@@ -34,6 +34,7 @@ import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
 from fairkernels import reference
 from fairkernels.reference import LOG_EPS
+from fairkernels.train import matched_centers as matched
 from fairkernels.train.base import Trainer, adam, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
 
@@ -86,10 +87,13 @@ class DFCTrainer(Trainer):
         return adam(self.parameters(phase), cfg.pretrain_lr)
 
     # ------------------------------------------------------------------ epochs
+    def before_training(self, X, groups):
+        self.gamma = self.config.gamma_for(self.choose_centers(X, groups))
+
     def begin_epoch(self, epoch, phase, X, groups):
-        self._full_X = X          # refresh_target needs the whole set mid-epoch
+        self._full_X, self._full_groups = X, groups     # refresh_target needs the whole set mid-epoch
         if phase == "cluster" and self.mu is None:
-            self.state["mu"] = self.kmeans_centers(X, epoch)
+            self.state["mu"] = self.matched_init(X, groups) if self.matched else self.kmeans_centers(X, epoch)
             self.state["iteration"] = 0
             self.state.pop("frequency", None)
             self.state.pop("target", None)
@@ -103,13 +107,35 @@ class DFCTrainer(Trainer):
         return self.refresh_kmeans(X, epoch, spherical=False, shard_embeddings=shard_embeddings)
 
     @torch.no_grad()
-    def refresh_target(self, X):
+    def matched_init(self, X, groups) -> torch.Tensor:
+        """Per-group centroids mu [T, K, d] (centers="matched", docs/math.md §8): each group is
+        clustered on its input features, its clusters are paired with the largest group's by
+        relative geometry, and mu_{t,k} is the mean embedding of group t's cluster k (every
+        rank computes the same pairing; rank 0's is broadcast). SGD then moves them as DEC
+        moves its shared centroids."""
+        labels, z = self.paired_input_clusters(X, groups)
+        return matched.means_from_labels(z, self.local(groups), labels, self.num_groups, self.config.n_clusters,
+                                         self.parallel.process_group)
+
+    def assign(self, z, groups, check_inputs=True):
+        """Soft assignments Q (B x K): Student-t to the shared centroids, or with matched
+        centers to each row's own group's centroids."""
+        cfg = self.config
+        if self.matched:
+            return torch.softmax(self.matched_scores(z, groups), dim=1)
+        return fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend, check_inputs=check_inputs)
+
+    def matched_scores(self, z, groups):
+        return matched.matched_student_t_logits(z, self.mu, groups, self.config.alpha)
+
+    @torch.no_grad()
+    def refresh_target(self, X, groups):
         """DEC target P over the whole set from the current Q (docs/math.md §4); f_k needs every row."""
         cfg = self.config
         z = encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-        q = fk.student_t_assign(z, self.mu.detach(), cfg.alpha, backend=cfg.backend)
+        q = self.assign(z, self.local(groups))
         if not self.parallel.active:
-            self.state["target"] = fk.dec_target(q, backend=cfg.backend)
+            self.state["target"] = self.balanced_target(fk.dec_target(q, backend=cfg.backend), self.local(groups))
             return
         # docs/math.md §4 with f_k summed over every rank's shard; the batches draw rows from the whole
         # permutation, so every rank gets every row's target.
@@ -118,10 +144,24 @@ class DFCTrainer(Trainer):
         frequency = self.parallel.all_reduce_(q_acc.sum(0)).clamp_min(LOG_EPS)
         weight = q_acc * q_acc / frequency
         local = (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
+        local = self.balanced_target(local, self.local(groups))
         self.state["target"] = self.parallel.gather_rows(local, X.shape[0])
 
     @torch.no_grad()
-    def batch_target(self, q):
+    def balanced_target(self, target, groups):
+        """With matched centers and balanced_assignment: the DEC target rescaled per (group,
+        cluster) so that every group's mean target equals the whole set's (docs/math.md §8,
+        the Sinkhorn balancing of matched_centers.group_offsets applied to log P). Cluster k
+        is the same cluster in every group, so this is the target a fair clustering has; DEC's
+        own P lets one group's clusters drift apart from the other's."""
+        if not (self.matched and self.config.balanced_assignment):
+            return target
+        log_p = torch.log(target.clamp_min(LOG_EPS))
+        offsets = matched.group_offsets(log_p, groups, self.num_groups, self.parallel.process_group)
+        return torch.softmax(log_p + offsets[groups], dim=1).to(target.dtype)
+
+    @torch.no_grad()
+    def batch_target(self, q, groups=None):
         """DEC target of this batch from its own Q (target_refresh "batch", and the stored P of
         "lagged"): docs/math.md §4 with the cluster frequencies f_k replaced by a running mean of the batches' normalised
         column sums (all-reduced under DDP), so a batch that misses a cluster does not blow up
@@ -138,7 +178,8 @@ class DFCTrainer(Trainer):
             cfg.target_momentum * running.to(acc) + (1.0 - cfg.target_momentum) * batch_frequency
         self.state["frequency"] = frequency
         weight = q_acc * q_acc / frequency.clamp_min(LOG_EPS)
-        return (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
+        target = (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
+        return target if groups is None else self.balanced_target(target, groups)
 
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
@@ -157,22 +198,22 @@ class DFCTrainer(Trainer):
         mode = cfg.target_mode(self._full_X.shape[0])
         if (mode == "interval" and self.state["iteration"] % cfg.update_interval == 0) or \
                 (mode == "lagged" and "target" not in self.state):
-            self.refresh_target(self._full_X)
+            self.refresh_target(self._full_X, self._full_groups)
         self.state["iteration"] += 1
         if cfg.rec_weight > 0:
             z, x_hat = self.train_forward(x)
         else:
             z = self.model.encode(x)
-        q = fk.student_t_assign(z, self.mu, cfg.alpha, backend=cfg.backend, check_inputs=False)
+        q = self.assign(z, groups, check_inputs=False)
         if mode == "batch":
-            target = self.batch_target(q)
+            target = self.batch_target(q, groups)
         else:
             target = self.state["target"][index]
             if mode == "lagged":  # the P these rows get at their next visit, one epoch from now
-                self.state["target"][index] = self.batch_target(q)
+                self.state["target"][index] = self.batch_target(q, groups)
         l_cl = fk.kl_div(target, q, backend=cfg.backend, check_inputs=False)
         loss, terms = l_cl, {"kl": l_cl}
-        gamma = cfg.effective_gamma
+        gamma = self.gamma
         if gamma > 0.0:           # DEC (gamma 0) skips the fairness term: it would only cost time
             l_fr = self.fairoid_term(q, target, z, groups)
             loss = loss + gamma * l_fr
@@ -219,21 +260,34 @@ class DFCTrainer(Trainer):
         if phase == "finetune":
             self.state["kmeans_centers"] = self.kmeans_centers(X, epoch, shard_embeddings=z)
             return nearest_center(z, self.state["kmeans_centers"], self.config.eval_chunk_size)
-        return self.predict_embeddings(z)
+        with self.timed("metrics"):
+            self.fit_group_offsets(z, self.local(groups), X.shape[0])
+            return self.predict_embeddings(z, self.local(groups))
 
     def finalize(self, X, groups):
         if self.config.method == "ae-km" or self.mu is None:
             self.state["kmeans_centers"] = self.kmeans_centers(X, self.total_epochs)
         z = encode_all(self.model, self.local(X), self.config.eval_chunk_size)
-        return self.predict_embeddings(z)
+        if self.mu is not None:
+            self.fit_group_offsets(z, self.local(groups), X.shape[0])
+        return self.predict_embeddings(z, self.local(groups))
 
+    @property
+    def matched(self) -> bool:
+        # ae-km never clusters with centroids of its own.
+        return super().matched and self.config.method != "ae-km"
+
+    @torch.no_grad()
     def predict_embeddings(self, z, groups=None):
+        if self.matched and self.mu is not None:
+            return self.predict_matched(z, groups)
         centers = self.mu.detach() if self.mu is not None and self.config.method != "ae-km" \
             else self.state["kmeans_centers"]
         return nearest_center(z, centers, self.config.eval_chunk_size)
 
     @property
     def cluster_centers_(self):
+        """[K, d] shared centroids, or [T, K, d] per-group ones (centers="matched")."""
         centers = self.mu.detach() if self.mu is not None and self.config.method != "ae-km" \
             else self.state["kmeans_centers"]
         return centers.cpu().numpy()

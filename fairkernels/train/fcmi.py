@@ -61,34 +61,8 @@ class FCMITrainer(Trainer):
                                        init_centers=previous, n_iter=cfg.refresh_iter)
         return self.refresh_kmeans(X, epoch, spherical=True, shard_embeddings=shard_embeddings)
 
-    @property
-    def matched(self) -> bool:
-        """Per-group centers (centers="matched", or "auto" resolved so at fit time)."""
-        return self.state.get("centers") is not None and self.state["centers"].dim() == 3 \
-            or getattr(self, "_centers_mode", None) == "matched"
-
     def before_training(self, X, groups):
-        cfg = self.config
-        sizes = torch.bincount(groups.cpu(), minlength=self.num_groups)
-        present = sizes[sizes > 0]
-
-        def joint_mnce():
-            with self.timed("kmeans"):
-                value = torch.tensor([matched.groups_separated_mnce(X, groups, self.num_groups, cfg.n_clusters,
-                                                                    seed=cfg.seed, max_rows=cfg.kmeans_sample_size)],
-                                     dtype=torch.float64, device=X.device)
-                self.parallel.broadcast_(value)      # every rank takes rank 0's decision
-            self.centers_info["joint_input_mnce"] = float(value)
-            return float(value)
-        # What centers="auto" chose and on what evidence (also in the CLI's metrics.json).
-        self.centers_info = {}
-        self._centers_mode = cfg.centers_mode(present, joint_mnce)
-        self.centers_info["mode"] = self._centers_mode
-        self.alpha = cfg.alpha_for(self._centers_mode)
-        if self._centers_mode == "matched" and int(present.min()) < self.config.n_clusters:
-            raise ValueError(f"centers='matched' clusters every group on its own, but a group has only "
-                             f"{int(present.min())} rows for n_clusters={self.config.n_clusters}; "
-                             f"use centers='shared' (or 'auto')")
+        self.alpha = self.config.alpha_for(self.choose_centers(X, groups))
 
     def compute_matched_centers(self, X, groups, epoch, shard_embeddings=None):
         """Per-group unit centers [T, K, d]. The first call pairs the groups' clusters on the
@@ -98,15 +72,8 @@ class FCMITrainer(Trainer):
         cfg, par = self.config, self.parallel
         previous = self.state.get("centers")
         if previous is None:
-            with self.timed("kmeans"):
-                labels = matched.input_matching(X, groups, self.num_groups, cfg.n_clusters,
-                                                restarts=cfg.match_restarts, seed=cfg.seed,
-                                                max_rows=cfg.kmeans_sample_size)
-                par.broadcast_(labels)
-            with self.timed("encode"):
-                h = shard_embeddings if shard_embeddings is not None else \
-                    encode_all(self.model, self.local(X), cfg.eval_chunk_size)
-            return matched.centers_from_labels(F.normalize(h, dim=1), self.local(groups), self.local(labels),
+            labels, h = self.paired_input_clusters(X, groups, shard_embeddings)
+            return matched.centers_from_labels(F.normalize(h, dim=1), self.local(groups), labels,
                                                self.num_groups, cfg.n_clusters, par.process_group)
         _, _, local_rows, h = self.refresh_embeddings(X, epoch, shard_embeddings)
         rows_groups = self.local(groups) if local_rows is None else groups[local_rows]
@@ -179,33 +146,12 @@ class FCMITrainer(Trainer):
         self.fit_group_offsets(h, self.local(groups), X.shape[0])
         return self.predict_embeddings(h, self.local(groups))
 
-    def fit_group_offsets(self, h, groups, num_rows: int) -> None:
-        """With matched centers and balanced_assignment, the per-(group, cluster) logit offsets
-        of the current model (matched_centers.group_offsets), stored for predict. h: the
-        embeddings of this rank's shard of the num_rows rows; above kmeans_sample_size rows
-        they are fitted on a seeded sample of the whole set (each rank takes the sampled rows
-        of its shard), so W processes fit the same offsets as one."""
-        cfg = self.config
-        if not (self.matched and cfg.balanced_assignment):
-            return
-        if cfg.kmeans_sample_size is not None and num_rows > cfg.kmeans_sample_size:
-            generator = torch.Generator().manual_seed(cfg.seed * 7_368_787 + 17)
-            rows = torch.randperm(num_rows, generator=generator)[:cfg.kmeans_sample_size].sort().values
-            shard = self.eval_shard
-            mine = rows[(rows >= shard.start) & (rows < shard.stop)] - shard.start
-            h, groups = h[mine.to(h.device)], groups[mine.to(groups.device)]
-        # kmeans_sample_size rows at most (the whole set when it is None): small N x K logits.
-        logits = matched.matched_logits(h, self.state["centers"], groups, cfg.tau)
-        self.state["group_offsets"] = matched.group_offsets(logits, groups, self.num_groups,
-                                                            self.parallel.process_group)
+    def matched_scores(self, h, groups):
+        return matched.matched_logits(h, self.state["centers"], groups, self.config.tau)
 
     def predict_embeddings(self, z, groups=None):
         if self.matched:
-            if groups is None:
-                raise ValueError("groups is required: this FCMI model has per-group centers (centers='matched'), "
-                                 "so a row's cluster depends on its group; pass predict(X, groups)")
-            return matched.argmax_matched(z, self.state["centers"], groups, self.config.eval_chunk_size,
-                                          self.config.tau, self.state.get("group_offsets"))
+            return self.predict_matched(z, groups)
         return argmax_cosine(z, self.state["centers"], self.config.eval_chunk_size)
 
     @property

@@ -27,8 +27,9 @@ from fairkernels.distributed import all_reduce_
 from fairkernels.kmeans import kmeans
 from fairkernels.matching import match_clusters
 
-__all__ = ["groups_separated_mnce", "input_matching", "centers_from_labels", "own_group_scores", "assign_matched",
-           "refresh_matched", "matched_logits", "group_offsets", "argmax_matched"]
+__all__ = ["groups_separated_mnce", "input_matching", "centers_from_labels", "means_from_labels", "own_group_scores",
+           "assign_matched", "refresh_matched", "matched_logits", "matched_student_t_logits", "group_offsets",
+           "argmax_scores"]
 
 
 def _best_kmeans(x: torch.Tensor, n_clusters: int, restarts: int, seed: int, max_rows: int | None):
@@ -100,6 +101,17 @@ def centers_from_labels(h_unit, groups, labels, num_groups: int, n_clusters: int
     return F.normalize(sums, dim=2).to(h_unit.dtype)
 
 
+def means_from_labels(z, groups, labels, num_groups: int, n_clusters: int, process_group=None):
+    """Euclidean centers [T, K, d] for DEC / DFC: the mean embedding of each (group, cluster).
+    A (group, cluster) with no rows gets its group's mean."""
+    sums = _grouped_sums(z, groups, labels, num_groups, n_clusters, process_group)
+    counts = all_reduce_(torch.bincount(groups * n_clusters + labels, minlength=num_groups * n_clusters).double(),
+                         process_group).view(num_groups, n_clusters, 1)
+    group_mean = sums.sum(1, keepdim=True) / counts.sum(1, keepdim=True).clamp_min(1)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), group_mean)
+    return means.to(z.dtype)
+
+
 def own_group_scores(h_unit, centers, groups) -> torch.Tensor:
     """cos(h_i, u_{g_i, k}) (B x K) for unit rows: one B x (T K) product, then each row's own
     group's K columns (differentiable in h_unit)."""
@@ -108,19 +120,10 @@ def own_group_scores(h_unit, centers, groups) -> torch.Tensor:
     return scores[torch.arange(scores.shape[0], device=scores.device), groups]
 
 
-def _chunked_argmax(h_unit, centers, groups, chunk_size: int, tau=None, offsets=None) -> torch.Tensor:
-    out = []
-    for start in range(0, h_unit.shape[0], chunk_size):
-        scores = own_group_scores(h_unit[start:start + chunk_size], centers, groups[start:start + chunk_size])
-        if offsets is not None:
-            scores = scores / tau + offsets[groups[start:start + chunk_size]]
-        out.append(scores.argmax(1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=h_unit.device)
-
-
 def assign_matched(h_unit, centers, groups, chunk_size: int) -> torch.Tensor:
     """argmax_k cos(h_i, u_{g_i, k}) for unit rows h_unit, chunked so no N x T x K tensor."""
-    return _chunked_argmax(h_unit, centers, groups, chunk_size)
+    return argmax_scores(lambda rows, rows_groups: own_group_scores(rows, centers, rows_groups), h_unit, groups,
+                         chunk_size)
 
 
 def refresh_matched(h_unit, groups, centers, n_iter: int, chunk_size: int, process_group=None):
@@ -137,6 +140,17 @@ def refresh_matched(h_unit, groups, centers, n_iter: int, chunk_size: int, proce
 def matched_logits(h, centers, groups, tau: float) -> torch.Tensor:
     """logits_ik = cos(h_i, u_{g_i, k}) / tau (B x K), differentiable in h."""
     return own_group_scores(F.normalize(h, dim=1), centers, groups) / tau
+
+
+def matched_student_t_logits(z, centers, groups, alpha: float) -> torch.Tensor:
+    """log of DEC's Student-t kernel between each row and its own group's K centers (B x K),
+    -(alpha + 1) / 2 log(1 + |z_i - mu_{g_i,k}|^2 / alpha) (docs/math.md §1.1 and §8); its
+    row softmax is the soft assignment q. Differentiable in z and centers."""
+    T, K, d = centers.shape
+    rows = torch.arange(z.shape[0], device=z.device)
+    cross = (z @ centers.reshape(T * K, d).t()).view(-1, T, K)[rows, groups]
+    squared = ((z * z).sum(1, keepdim=True) - 2.0 * cross + (centers * centers).sum(2)[groups]).clamp_min(0.0)
+    return -(alpha + 1.0) / 2.0 * torch.log1p(squared / alpha)
 
 
 def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter: int = 200,
@@ -167,6 +181,13 @@ def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter:
     return b.to(logits.dtype)
 
 
-def argmax_matched(h, centers, groups, chunk_size: int, tau: float | None = None, offsets=None) -> torch.Tensor:
-    """argmax_k (cos(h_i, u_{g_i,k}) / tau + offsets[g_i, k]); offsets None: plain cosine."""
-    return _chunked_argmax(F.normalize(h, dim=1), centers, groups, chunk_size, tau, offsets)
+def argmax_scores(score, z, groups, chunk_size: int, offsets=None) -> torch.Tensor:
+    """argmax_k (score(z_c, groups_c)[i, k] + offsets[g_i, k]) over chunks of rows."""
+    out = []
+    for start in range(0, z.shape[0], chunk_size):
+        rows_groups = groups[start:start + chunk_size]
+        scores = score(z[start:start + chunk_size], rows_groups)
+        if offsets is not None:
+            scores = scores + offsets[rows_groups]
+        out.append(scores.argmax(1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=z.device)
