@@ -10,6 +10,7 @@ import torch
 
 from fairkernels import _backend, _checks, reference
 from fairkernels.ops._dispatch import kernels
+from fairkernels.ops.fairoid import fairoid_term
 
 
 def _check_assignments(q, name="q"):
@@ -125,6 +126,11 @@ def dfc_loss(q, z, groups, num_groups=None, gamma=1.0, alpha=1.0, beta=1000.0, t
     if target is None:
         target = dec_target(q, backend=backend, check_inputs=check_inputs)
     l_cl = kl_div(target, q, backend=backend, check_inputs=check_inputs)
+    if backend != "reference":        # the fused node of fairkernels.ops.fairoid: same value and gradients
+        l_fr, group_centroids = fairoid_term(q, z, groups, num_groups, alpha, beta, previous_fairoids,
+                                             check_inputs=False)
+        l_fr = l_fr.to(l_cl.dtype)
+        return l_cl + gamma * l_fr, l_cl, l_fr, group_centroids
     centroids = reference.batch_centroids(q, z)
     group_centroids, present = reference.fairoids(z, groups, num_groups, previous_fairoids)
     phi = reference.fairness_matrix(centroids, group_centroids, alpha, present)

@@ -230,6 +230,11 @@ class DFCTrainer(Trainer):
         assignments named by config.centroids_from ("target": the paper's P, "q": the soft Q)."""
         cfg = self.config
         weights = target if cfg.centroids_from == "target" else q
+        if cfg.backend != "reference":    # one autograd node with a closed-form backward (ops/fairoid.py)
+            l_fr, group_centroids = fk.fairoid_term(weights, z, groups, self.num_groups, cfg.alpha, cfg.beta,
+                                                    self.state.get("fairoids"), check_inputs=False)
+            self.state["fairoids"] = group_centroids
+            return l_fr.to(q.dtype)
         centroids = reference.batch_centroids(weights, z)
         group_centroids, present = reference.fairoids(z, groups, self.num_groups, self.state.get("fairoids"))
         self.state["fairoids"] = group_centroids.detach()
