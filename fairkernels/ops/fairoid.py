@@ -32,11 +32,10 @@ from fairkernels.reference import LOG_EPS
 
 def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """A^-1 B for the ridge-regularised (so positive-definite) A; non-finite input gives a
-    non-finite result (which the trainers report) instead of an exception."""
+    non-finite result (which the trainers report) instead of an exception. No host sync: a
+    failed factorisation is turned into NaN on the device."""
     factor, info = torch.linalg.cholesky_ex(A)
-    if bool(info.any()):
-        return torch.full_like(B, float("nan"))
-    return torch.cholesky_solve(B, factor)
+    return torch.where(info == 0, torch.cholesky_solve(B, factor), float("nan"))
 
 
 class FairoidTermFunction(torch.autograd.Function):
@@ -47,7 +46,9 @@ class FairoidTermFunction(torch.autograd.Function):
         lam = ridge * (W * W).sum().clamp_min(LOG_EPS) / K
         A = W.t() @ W + lam * torch.eye(K, dtype=torch.float64, device=W.device)
         M = _solve_spd(A, W.t() @ Z)
-        counts = torch.bincount(groups, minlength=num_groups).double()
+        # index_add_, not bincount: bincount reads max(groups) on the host (a sync per step on a GPU).
+        counts = torch.zeros(num_groups, dtype=torch.float64, device=Z.device).index_add_(
+            0, groups, torch.ones(groups.shape[0], dtype=torch.float64, device=Z.device))
         present = counts > 0
         pi = torch.zeros(num_groups, Z.shape[1], dtype=torch.float64, device=Z.device).index_add_(0, groups, Z)
         pi = pi / counts.clamp_min(1.0)[:, None]

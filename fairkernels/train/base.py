@@ -236,9 +236,9 @@ class Trainer(abc.ABC):
                 encode_all(self.model, self.local(X), cfg.eval_chunk_size)
         return self.local(labels), z
 
+    @abc.abstractmethod
     def matched_scores(self, z: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """With matched centers: the B x K logits of rows z against their own group's centers."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-group centers")
 
     @torch.no_grad()
     def fit_group_offsets(self, z: torch.Tensor, groups: torch.Tensor, num_rows: int) -> None:

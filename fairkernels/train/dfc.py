@@ -277,11 +277,6 @@ class DFCTrainer(Trainer):
             self.fit_group_offsets(z, self.local(groups), X.shape[0])
         return self.predict_embeddings(z, self.local(groups))
 
-    @property
-    def matched(self) -> bool:
-        # ae-km never clusters with centroids of its own.
-        return super().matched and self.config.method != "ae-km"
-
     @torch.no_grad()
     def predict_embeddings(self, z, groups=None):
         if self.matched and self.mu is not None:
