@@ -10,7 +10,9 @@ One timed epoch per configuration, after one untimed epoch of the same phase (so
 initialisation and the first k-means are not counted):
   FCMI  warmup_epochs=0: an epoch of L_rec + alpha L_clu + beta L_fair, then the whole-set
         encoding, the k-means refresh (warm-started from the last centres) and the metrics.
-  DFC   pretrain/finetune epochs 0: an epoch of KL(P||Q) + gamma KL(Psi||Phi).
+  DFC   pretrain/finetune epochs 0: an epoch of KL(P||Q) + gamma KL(Psi||Phi), with shared
+        centroids ("dfc": what centers="auto" picks here, the groups mix) and with per-group
+        ones ("dfc-matched": each batch's lagged DEC target is also balanced per group).
 Breakdown columns (seconds of the timed epoch):
   train      the mini-batch loop as the trainer runs it (data, model, loss, optimiser)
   model      the model's own forward + backward of the same number of batches, timed alone
@@ -64,11 +66,15 @@ def _timed(fn, device) -> float:
 
 
 def trainer_for(method: str, width: float, batch_size: int, device: str, epochs: int):
+    """method: "fcmi", "dfc" (centers="auto": shared centroids on this synthetic data, whose
+    groups mix) or "dfc-matched" (per-group centroids, what DFC uses on data whose groups
+    differ in appearance, e.g. digits-reverse)."""
     common = dict(n_clusters=10, width=width, batch_size=batch_size, device=device, progress=False, verbose=False,
                   epochs=epochs, seed=0)
     if method == "fcmi":
         return make_trainer("fcmi", warmup_epochs=0, **common)
-    return make_trainer("dfc", pretrain_epochs=0, finetune_epochs=0, **common)
+    centers = "matched" if method == "dfc-matched" else "auto"
+    return make_trainer("dfc", centers=centers, pretrain_epochs=0, finetune_epochs=0, **common)
 
 
 def _loss_step(trainer, h, g, batches: int):
@@ -92,9 +98,11 @@ def _loss_step(trainer, h, g, batches: int):
 
     def step():
         for _ in range(batches):
-            q = trainer.assign(h, g, check_inputs=False)   # shared or per-group (matched) centroids
-            loss = fk.dfc_loss(q, h, g, trainer.num_groups, trainer.gamma, cfg.alpha, cfg.beta,
-                               target=target, backend=cfg.backend, check_inputs=False)[0]
+            # The trainer's call: Q to the shared or per-group (matched) centroids, KL and fairness term.
+            loss = fk.dfc_loss_from_embeddings(h, trainer.mu, g, trainer.num_groups, trainer.gamma, cfg.alpha,
+                                               cfg.beta, target, trainer.state.get("fairoids"),
+                                               centroids_from=cfg.centroids_from, backend=cfg.backend,
+                                               check_inputs=False)[0]
             loss.backward()
     return step
 
@@ -174,7 +182,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["fcmi", "dfc"], choices=["fcmi", "dfc"])
+    parser.add_argument("--methods", nargs="+", default=["fcmi", "dfc", "dfc-matched"], choices=["fcmi", "dfc", "dfc-matched"])
     parser.add_argument("--n", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--widths", nargs="+", type=float, default=[1.0, 0.25])
     parser.add_argument("--batch-size", type=int, default=None, help="default: each method's default")

@@ -17,6 +17,8 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("student_t_bwd(Tensor grad_q, Tensor q, Tensor z, Tensor centers, float alpha) -> (Tensor, Tensor)");
   m.def("cosine_fwd(Tensor h, Tensor centers, float tau) -> Tensor");
   m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
+  m.def("dfc_step(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor terms, Tensor q, Tensor fairoids, Tensor grad_z, Tensor grad_centers)");
+  m.def("group_offsets(Tensor logits, Tensor groups, int num_groups, int max_iter, float tol) -> Tensor");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
   m.def("kmeans_step(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist, Tensor sums, Tensor counts)");
 }
@@ -33,6 +35,8 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("student_t_bwd", &fairkernels::cpu::student_t_bwd);
   m.impl("cosine_fwd", &fairkernels::cpu::cosine_fwd);
   m.impl("cosine_bwd", &fairkernels::cpu::cosine_bwd);
+  m.impl("dfc_step", &fairkernels::cpu::dfc_step);
+  m.impl("group_offsets", &fairkernels::cpu::group_offsets);
   m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
   m.impl("kmeans_step", &fairkernels::cpu::kmeans_step);
 }

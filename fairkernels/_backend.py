@@ -18,6 +18,8 @@ CPU_DTYPES = (torch.float32, torch.float64)
 # Ops with C++ kernels in the compiled extension (csrc/ops.cpp); the others are O(T K) algebra
 # or one elementwise pass that the reference already does at memory speed on CPU.
 EXTENSION_OPS = frozenset({"fcmi", "fcmi_embeddings", "histogram", "student_t", "cosine", "kmeans_assign"})
+# Ops with a C++ CPU kernel only: on a GPU they are compositions of the other ops' kernels.
+CPU_ONLY_OPS = frozenset({"dfc_embeddings", "group_offsets"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +51,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, o
             return f"the cpu backend needs CPU tensors, got {device}"
         if dtype not in CPU_DTYPES:
             return f"the cpu backend supports float32/float64, got {dtype}"
-        if op not in EXTENSION_OPS:
+        if op not in EXTENSION_OPS | CPU_ONLY_OPS:
             return f"no C++ kernel for {op}"
         if not _has_extension():
             return "the compiled extension fairkernels._C could not be loaded or built"

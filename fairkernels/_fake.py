@@ -96,3 +96,15 @@ def _kmeans_step(x, centers):
     num_clusters = centers.shape[0]
     return (x.new_empty((rows,), dtype=torch.long), x.new_empty((rows,), dtype=_acc_dtype(x.dtype)),
             x.new_empty((num_clusters, dims), dtype=torch.float64), x.new_empty((num_clusters,), dtype=torch.long))
+
+
+@_register("dfc_step")
+def _dfc_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q):
+    rows, dims = z.shape
+    return (z.new_empty((2,), dtype=_acc_dtype(z.dtype)), z.new_empty((rows, target.shape[1])),
+            z.new_empty((num_groups, dims)), _like(z), _like(centers))
+
+
+@_register("group_offsets")
+def _group_offsets(logits, groups, num_groups, max_iter, tol):
+    return logits.new_empty((num_groups, logits.shape[1]))

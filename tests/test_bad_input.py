@@ -214,6 +214,32 @@ def _dfc_family():
         ("fairoid_term-previous-shape", lambda: fk.fairoid_term(q, z, GROUPS, 2, previous=torch.zeros(3, D)),
          ValueError, "previous"),
         ("fairoid_term-int-weights", lambda: fk.fairoid_term(q.long(), z, GROUPS), TypeError, "weights"),
+        ("dfc_loss_from_embeddings-centers-1d", lambda: fk.dfc_loss_from_embeddings(z, CENTERS[0], GROUPS), ValueError,
+         "centers"),
+        ("dfc_loss_from_embeddings-centers-columns", lambda: fk.dfc_loss_from_embeddings(z, CENTERS[:, :2], GROUPS),
+         ValueError, "centers"),
+        ("dfc_loss_from_embeddings-per-group-count",
+         lambda: fk.dfc_loss_from_embeddings(z, torch.randn(T + 1, K, D), GROUPS, T), ValueError, "num_groups"),
+        ("dfc_loss_from_embeddings-int-centers", lambda: fk.dfc_loss_from_embeddings(z, CENTERS.long(), GROUPS),
+         TypeError, "centers"),
+        ("dfc_loss_from_embeddings-target-shape",
+         lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, target=q[:, :2]), ValueError, "target"),
+        ("dfc_loss_from_embeddings-nan-target",
+         lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, target=_with(q, 1, 1, math.nan)), ValueError, "target"),
+        ("dfc_loss_from_embeddings-nan-z", lambda: fk.dfc_loss_from_embeddings(_with(z, 0, 1, math.nan), CENTERS, GROUPS),
+         ValueError, "z"),
+        ("dfc_loss_from_embeddings-groups-range", lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, 1),
+         ValueError, "num_groups"),
+        ("dfc_loss_from_embeddings-groups-range-unchecked",
+         lambda: fk.dfc_loss_from_embeddings(z, CENTERS, NEG_GROUPS, 2, target=q, check_inputs=False),
+         (ValueError, RuntimeError), "groups"),
+        ("dfc_loss_from_embeddings-alpha-zero", lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, alpha=0.0),
+         ValueError, "alpha"),
+        ("dfc_loss_from_embeddings-centroids-from",
+         lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, centroids_from="p"), ValueError, "centroids_from"),
+        ("dfc_loss_from_embeddings-previous-shape",
+         lambda: fk.dfc_loss_from_embeddings(z, CENTERS, GROUPS, 2, previous_fairoids=torch.zeros(3, D)), ValueError,
+         "previous_fairoids"),
         ("dfc_loss-z-rows", lambda: fk.dfc_loss(q, z[:5], GROUPS), ValueError, "z"),
         ("dfc_loss-groups-length", lambda: fk.dfc_loss(q, z, GROUPS[:5]), ValueError, "groups"),
         ("dfc_loss-groups-out-of-range", lambda: fk.dfc_loss(q, z, GROUPS, 1), ValueError, "num_groups"),
@@ -304,4 +330,5 @@ def test_valid_input_passes_the_same_checks():
     fk.student_t_assign(H, CENTERS)
     fk.cosine_assign(H, CENTERS)
     fk.dfc_loss(PROBS, H, GROUPS)
+    fk.dfc_loss_from_embeddings(H, CENTERS, GROUPS, target=PROBS)
     metrics.evaluate(Y, PRED, METRIC_GROUPS)

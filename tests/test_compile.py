@@ -86,6 +86,8 @@ def test_fake_kernels_shapes_and_dtypes():
         lambda a, b, c, grp, p: ops.cosine_fwd(a, c, 0.1),
         lambda a, b, c, grp, p: ops.cosine_bwd(p, p, a, c, 0.1),
         lambda a, b, c, grp, p: ops.kmeans_assign(a, c),
+        lambda a, b, c, grp, p: ops.dfc_step(a, c, grp, p, None, 3, 1.0, 5.0, 1.0, 1e-6, False),
+        lambda a, b, c, grp, p: ops.group_offsets(p, grp, 3, 50, 1e-6),
     ]
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (x, x, centers, g, q)]
@@ -134,6 +136,10 @@ def _opcheck_calls(contiguous: bool):
         ("cosine_bwd", (grad_q, q, h, centers, 0.1)),
         ("kmeans_assign", (h, centers)),
         ("kmeans_step", (h, centers)),
+        ("dfc_step", (h, centers, groups, q, matrix(t, d), t, 1.0, 5.0, 1.5, 1e-6, False)),
+        ("dfc_step", (h, torch.randn(t, k, d, generator=gen, dtype=torch.float64), groups, q, None, t, 1.0, 5.0,
+                      1.5, 1e-6, True)),
+        ("group_offsets", (logits, groups, t, 200, 1e-6)),
     ]
 
 

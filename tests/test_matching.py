@@ -81,6 +81,26 @@ def test_group_offsets_equalise_every_groups_cluster_shares():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed, B, K, T, scale", [(0, 256, 10, 2, 3.0), (1, 900, 7, 3, 10.0), (2, 40, 4, 4, 30.0)])
+def test_group_offsets_kernel_matches_tensor_ops(seed, B, K, T, scale):
+    """The C++ Sinkhorn (one process on CPU) against the tensor-op loop that DDP and GPUs run:
+    same iterations and stopping rule, so the same offsets to float64 rounding, also with
+    sharp logits (scale 30, where the factorised softmax underflows) and an absent group."""
+    from fairkernels import _backend
+    from fairkernels.ops import torch_kernels
+    if _backend.choose("auto", torch.device("cpu"), torch.float64, "group_offsets") != "cpu":
+        pytest.skip("the compiled extension is not available")
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, K, generator=generator, dtype=torch.float64)
+    groups = torch.randint(0, T - 1, (B,), generator=generator)
+    got = matched.group_offsets(logits, groups, T)
+    want = torch_kernels.group_offsets(logits, groups, T)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.all(got[T - 1] == 0)
+    with pytest.raises(ValueError, match="groups"):
+        matched.group_offsets(logits, groups + T, T)
+
+
 def test_refresh_keeps_cluster_identity_per_group():
     rng = np.random.default_rng(0)
     base = torch.as_tensor(rng.normal(size=(3, 5)) * 4)

@@ -51,6 +51,22 @@ at::Tensor cosine_fwd(const at::Tensor& h, const at::Tensor& centers, double tau
 std::tuple<at::Tensor, at::Tensor> cosine_bwd(const at::Tensor& grad_c, const at::Tensor& c, const at::Tensor& h,
                                               const at::Tensor& centers, double tau);
 
+// SPEC 1.1 + 4 fused DFC clustering loss of a batch: Student-t Q of z to centers ([K, d] shared
+// or [T, K, d] per group, row i using its group's), terms[2] = (KL(P || Q), KL(Psi || Phi)) with
+// the eq. 12 ridge centroids fitted to P (or to Q when weights_from_q), q [B, K], the fairoids
+// [T, d] (absent groups keep previous), and the gradients of terms[0] + gamma * terms[1] w.r.t.
+// z and centers. gamma = 0 skips the fairness term (terms[1] = 0). float64 inside.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
+    const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups, const at::Tensor& target,
+    const std::optional<at::Tensor>& previous, int64_t num_groups, double alpha, double beta, double gamma,
+    double ridge, bool weights_from_q);
+
+// docs/math.md §8 balancing offsets b [T, K] (logits' dtype): the Sinkhorn fixed point that gives
+// every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i), at most
+// max_iter iterations, stopping when a 10th iteration moves no offset by more than tol.
+at::Tensor group_offsets(const at::Tensor& logits, const at::Tensor& groups, int64_t num_groups, int64_t max_iter,
+                         double tol);
+
 // Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
 std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);
 // One fused Lloyd pass: kmeans_assign's outputs plus per-cluster row sums [K, d] (float64) and

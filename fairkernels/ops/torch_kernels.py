@@ -137,3 +137,66 @@ def kmeans_assign(x, centers):
     dist = _sq_dist(x, centers)
     min_dist, labels = dist.min(1)
     return labels, min_dist
+
+
+# --------------------------------------------------------------------------- DFC clustering loss (docs/math.md §4)
+def dfc_step(z, centers, groups, target, previous, num_groups: int, alpha: float, beta: float, gamma: float,
+             ridge: float, weights_from_q: bool):
+    """-> (terms[2] acc = (KL(P||Q), KL(Psi||Phi)), q[B,K], fairoids[T,d], grad_z, grad_centers).
+
+    Q: Student-t of z to centers ([K, d], or [T, K, d] with row i using centers[g_i]); the
+    fairness term is reference.batch_centroids (fitted to P, or Q when weights_from_q) ->
+    fairoids -> fairness_matrix -> fairoid_target -> fairoid_loss; the gradients are those of
+    terms[0] + gamma * terms[1], by autograd through that composition, in float64. gamma = 0
+    skips the fairness term (terms[1] = 0)."""
+    from fairkernels import reference
+    with torch.enable_grad():
+        z64 = z.detach().double().requires_grad_(True)
+        c64 = centers.detach().double().requires_grad_(True)
+        g = groups.long()
+        own = c64[g] if c64.dim() == 3 else c64[None]                    # B x K x d or 1 x K x d
+        dist = ((z64[:, None, :] - own) ** 2).sum(2)
+        q = torch.softmax(-(alpha + 1.0) / 2.0 * torch.log1p(dist / alpha), dim=1)
+        p = target.detach().double()
+        kl = reference.kl_div(p, q)
+        fair = torch.zeros((), dtype=torch.float64)
+        group_centroids, _ = reference.fairoids(z64.detach(), g, num_groups,
+                                                None if previous is None else previous.double())
+        if gamma != 0.0:
+            centroids = reference.batch_centroids(q if weights_from_q else p, z64, ridge)
+            pis, present = reference.fairoids(z64, g, num_groups, None if previous is None else previous.double())
+            phi = reference.fairness_matrix(centroids, pis, alpha, present)
+            fair = reference.fairoid_loss(reference.fairoid_target(phi, beta, present=present), phi)
+        grad_z, grad_c = torch.autograd.grad(kl + gamma * fair, [z64, c64])
+    acc = _acc_dtype(z.dtype)
+    return (torch.stack([kl.detach(), fair.detach()]).to(acc), q.detach().to(z.dtype), group_centroids.to(z.dtype),
+            grad_z.to(z.dtype), grad_c.to(centers.dtype))
+
+
+# --------------------------------------------------------------------------- balancing offsets (docs/math.md §8)
+def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: float = 1e-6, process_group=None):
+    """-> b[T,K] (logits' dtype): the Sinkhorn fixed point b_t <- b_t + log p - log q_t that gives
+    every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i) p;
+    groups with no rows get 0. Stops when a 10th iteration moves no offset by more than tol
+    (the test reads the device, so not every iteration). process_group: sums all-reduced
+    across it (the trainers under DDP; not part of the kernel interface)."""
+    from fairkernels.distributed import all_reduce_
+    T, K = num_groups, logits.shape[1]
+    groups = groups.long()
+    L = logits.double()
+    counts = all_reduce_(torch.bincount(groups, minlength=T).double(), process_group)
+    total = all_reduce_(torch.softmax(L, 1).sum(0), process_group)
+    log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
+    b = torch.zeros(T, K, dtype=torch.float64, device=L.device)
+    present = torch.nonzero(counts > 0).squeeze(1)      # one host sync here, none per iteration
+    for iteration in range(max_iter):
+        soft = torch.softmax(L + b[groups], 1)
+        sums = all_reduce_(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
+                           process_group)
+        step = log_p - torch.log(sums[present] / counts[present, None]).clamp_min(-80.0)
+        b[present] += step
+        # The convergence test reads the device, so only every 10th iteration: the DFC trainer
+        # balances every batch's target with this on large sets.
+        if iteration % 10 == 9 and float(step.abs().max()) <= tol:
+            break
+    return b.to(logits.dtype)

@@ -78,6 +78,14 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=bool(params) and fusable)
 
 
+def sgd(params, lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD with momentum, fused where torch has it for these tensors (as `adam`: the fused CPU
+    step measured 51 vs 91 us for DFC's narrow encoder and centroids)."""
+    params = list(params)
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=bool(params) and fusable)
+
+
 @torch.no_grad()
 def encode_all(model, X: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Embeddings of every row in eval mode, chunk by chunk (BatchNorm uses running stats)."""
@@ -473,23 +481,26 @@ class Trainer(abc.ABC):
     def _run_epoch(self, epoch: int, phase: str, stream, optimizer) -> dict:
         self.model.train()
         stream.set_epoch(epoch)
-        sums, names, num_batches = None, None, 0
+        collected, names = [], None
         progress = self.config.progress and self.parallel.is_rank_zero
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
         for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not progress,
                                 file=sys.stderr):
             self._ddp_forward_ran = False
             loss, terms = self.batch_losses(phase, index, x, g)
-            optimizer.zero_grad(set_to_none=True)
+            for p in trained:          # optimizer.zero_grad(set_to_none=True) without its profiler hooks
+                p.grad = None
             loss.backward()
             self._sync_gradients(optimizer)
             optimizer.step()
-            # Accumulate on the device; the host reads the sums once, at the end of the epoch.
-            values = torch.stack([value.detach().double() for value in terms.values()])
-            sums = values if sums is None else sums + values
+            # Kept on the device and summed once at the end of the epoch (one stack instead of a
+            # few small ops per step, and the host reads the means once).
+            collected.extend(value.detach() for value in terms.values())
             names = list(terms)
-            num_batches += 1
-        if sums is None:
+        if not collected:
             return {}
+        num_batches = len(collected) // len(names)
+        sums = torch.stack(collected).double().view(num_batches, len(names)).sum(0)
         # Every rank ran the same number of batches; the mean over ranks of each rank's batch
         # means is the global batch mean (equal shares), and the FCMI terms are global already.
         means = self.parallel.all_reduce_(sums / num_batches) / self.world_size

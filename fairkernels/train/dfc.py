@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 import fairkernels as fk
 from fairkernels.models import StackedAutoencoder
-from fairkernels import reference
 from fairkernels.reference import LOG_EPS
 from fairkernels.train import matched_centers as matched
-from fairkernels.train.base import Trainer, adam, encode_all, nearest_center
+from fairkernels.train.base import Trainer, adam, encode_all, nearest_center, sgd
 from fairkernels.train.config import DFCConfig
 
 
@@ -83,7 +82,7 @@ class DFCTrainer(Trainer):
     def make_optimizer(self, phase: str):
         cfg = self.config
         if phase == "cluster":
-            return torch.optim.SGD(self.parameters(phase), lr=cfg.lr, momentum=cfg.momentum)
+            return sgd(self.parameters(phase), cfg.lr, cfg.momentum)
         return adam(self.parameters(phase), cfg.pretrain_lr)
 
     # ------------------------------------------------------------------ epochs
@@ -204,19 +203,22 @@ class DFCTrainer(Trainer):
             z, x_hat = self.train_forward(x)
         else:
             z = self.model.encode(x)
-        q = self.assign(z, groups, check_inputs=False)
         if mode == "batch":
-            target = self.batch_target(q, groups)
+            with torch.no_grad():
+                target = self.batch_target(self.assign(z, groups, check_inputs=False), groups)
         else:
             target = self.state["target"][index]
-            if mode == "lagged":  # the P these rows get at their next visit, one epoch from now
-                self.state["target"][index] = self.batch_target(q, groups)
-        l_cl = fk.kl_div(target, q, backend=cfg.backend, check_inputs=False)
-        loss, terms = l_cl, {"kl": l_cl}
-        gamma = self.gamma
-        if gamma > 0.0:           # DEC (gamma 0) skips the fairness term: it would only cost time
-            l_fr = self.fairoid_term(q, target, z, groups)
-            loss = loss + gamma * l_fr
+        gamma = self.gamma         # DEC (gamma 0) skips the fairness term: it would only cost time
+        # Q, KL(P||Q) and gamma KL(Psi||Phi) in one call (one C++ kernel on CPU, ops/dfc_embeddings.py);
+        # the eq. 12 centroids are fitted to config.centroids_from ("target": the paper's P, "q": Q).
+        loss, l_cl, l_fr, fairoids, q = fk.dfc_loss_from_embeddings(
+            z, self.mu, groups, self.num_groups, gamma, cfg.alpha, cfg.beta, target, self.state.get("fairoids"),
+            centroids_from=cfg.centroids_from, backend=cfg.backend, check_inputs=False)
+        if mode == "lagged":      # the P these rows get at their next visit, one epoch from now
+            self.state["target"][index] = self.batch_target(q, groups)
+        terms = {"kl": l_cl}
+        if gamma > 0.0:
+            self.state["fairoids"] = fairoids
             terms["fair"] = l_fr
         if cfg.rec_weight > 0:
             l_rec = F.mse_loss(x_hat, x)
@@ -224,23 +226,6 @@ class DFCTrainer(Trainer):
             terms["rec"] = l_rec
         terms["loss"] = loss
         return loss, terms
-
-    def fairoid_term(self, q, target, z, groups):
-        """KL(Psi || Phi) of docs/math.md §4 for this batch. The eq. 12 centroids M are fitted to the
-        assignments named by config.centroids_from ("target": the paper's P, "q": the soft Q)."""
-        cfg = self.config
-        weights = target if cfg.centroids_from == "target" else q
-        if cfg.backend != "reference":    # one autograd node with a closed-form backward (ops/fairoid.py)
-            l_fr, group_centroids = fk.fairoid_term(weights, z, groups, self.num_groups, cfg.alpha, cfg.beta,
-                                                    self.state.get("fairoids"), check_inputs=False)
-            self.state["fairoids"] = group_centroids
-            return l_fr.to(q.dtype)
-        centroids = reference.batch_centroids(weights, z)
-        group_centroids, present = reference.fairoids(z, groups, self.num_groups, self.state.get("fairoids"))
-        self.state["fairoids"] = group_centroids.detach()
-        phi = reference.fairness_matrix(centroids, group_centroids, cfg.alpha, present)
-        psi = reference.fairoid_target(phi, cfg.beta, present=present)
-        return reference.fairoid_loss(psi, phi).to(q.dtype)
 
     def _run_epoch(self, epoch, phase, stream, optimizer):
         terms = super()._run_epoch(epoch, phase, stream, optimizer)

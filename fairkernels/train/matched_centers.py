@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fairkernels import _backend
+from fairkernels.ops import torch_kernels
 from fairkernels.distributed import all_reduce_
 from fairkernels.kmeans import kmeans
 from fairkernels.matching import match_clusters
@@ -164,24 +166,12 @@ def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter:
     cluster in every group, so equal shares are what the fairness term asks for; the argmax
     with these offsets turns them into hard assignments without retraining. Rows from all
     ranks count (sums all-reduced). Groups with no rows get offset 0."""
-    T, K = num_groups, logits.shape[1]
-    L = logits.double()
-    counts = all_reduce_(torch.bincount(groups, minlength=T).double(), process_group)
-    total = all_reduce_(torch.softmax(L, 1).sum(0), process_group)
-    log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
-    b = torch.zeros(T, K, dtype=torch.float64, device=L.device)
-    present = torch.nonzero(counts > 0).squeeze(1)      # one host sync here, none per iteration
-    for iteration in range(max_iter):
-        soft = torch.softmax(L + b[groups], 1)
-        sums = all_reduce_(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
-                           process_group)
-        step = log_p - torch.log(sums[present] / counts[present, None]).clamp_min(-80.0)
-        b[present] += step
-        # The convergence test reads the device, so only every 10th iteration: the DFC trainer
-        # balances every batch's target with this on large sets.
-        if iteration % 10 == 9 and float(step.abs().max()) <= tol:
-            break
-    return b.to(logits.dtype)
+    T = num_groups
+    if process_group is None and _backend.choose("auto", logits.device, logits.dtype, "group_offsets") == "cpu":
+        # One process on CPU: the same iterations in one C++ call (csrc/cpu/group_offsets.cpp).
+        return torch.ops.fairkernels.group_offsets(logits.detach(), groups, T, max_iter, tol)
+    # Tensor ops (any device; under DDP the sums are all-reduced every iteration).
+    return torch_kernels.group_offsets(logits, groups, T, max_iter, tol, process_group)
 
 
 def argmax_scores(score, z, groups, chunk_size: int, offsets=None) -> torch.Tensor:

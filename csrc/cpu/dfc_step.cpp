@@ -1,0 +1,317 @@
+// The whole DFC clustering loss of a batch, from the embeddings (SPEC 1.1 + 4): Student-t
+// assignments Q to shared [K, d] or per-group [T, K, d] centroids, KL(P || Q), and
+// gamma * KL(Psi || Phi) with the eq. 12 ridge centroids and the fairoids, value and both
+// gradients in one call.
+//
+// Why one kernel: at DFC's batch of 256 rows and K = 10 the arithmetic is a few hundred
+// microseconds of flops at most, but the composition of tensor ops (Student-t, KL, the
+// fairoid term's Cholesky and closed-form backward) is about 60 dispatches forward and
+// backward, more time than a narrow encoder's own step (README, Training speed). Everything is
+// computed in float64 (the inputs are converted once), row passes are cut into the fixed chunks
+// of ChunkPlan (deterministic at any thread count), and the O(K^3 + K T d) middle is serial.
+// The math and the backward are those of fairkernels/ops/fairoid.py (docs/math.md §4 and §8).
+#include "kernels.h"
+
+#include <limits>
+
+#include "common.h"
+
+namespace fairkernels::cpu {
+namespace {
+
+constexpr double kLogEps = 1e-12;     // reference.LOG_EPS
+constexpr double kPhiEps = 1e-12;     // reference.fairoid_target's eps
+
+inline double log_clamped(double x) { return std::log(std::max(x, kLogEps)); }
+
+// In-place lower Cholesky factor of the n x n SPD matrix a (row-major); false when a pivot is
+// not positive (or NaN): the caller then reports NaN, as torch.linalg.cholesky_ex would.
+bool cholesky_lower(std::vector<double>& a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    double pivot = a[j * n + j];
+    for (int64_t p = 0; p < j; ++p) pivot -= a[j * n + p] * a[j * n + p];
+    if (!(pivot > 0.0)) return false;
+    const double root = std::sqrt(pivot);
+    a[j * n + j] = root;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = a[i * n + j];
+      for (int64_t p = 0; p < j; ++p) v -= a[i * n + p] * a[j * n + p];
+      a[i * n + j] = v / root;
+    }
+  }
+  return true;
+}
+
+// b (n x m, row-major) <- A^-1 b for A = L L^T.
+void cholesky_solve(const std::vector<double>& l, int64_t n, std::vector<double>& b, int64_t m) {
+  for (int64_t i = 0; i < n; ++i) {          // L y = b
+    for (int64_t p = 0; p < i; ++p)
+      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[i * n + p] * b[p * m + c];
+    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {     // L^T x = y
+    for (int64_t p = i + 1; p < n; ++p)
+      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[p * n + i] * b[p * m + c];
+    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
+    const at::Tensor& z_in, const at::Tensor& centers_in, const at::Tensor& groups_in, const at::Tensor& target_in,
+    const std::optional<at::Tensor>& previous_in, int64_t num_groups, double alpha, double beta, double gamma,
+    double ridge, bool weights_from_q) {
+  check_matrix(z_in, "z");
+  check_matrix(target_in, "target");
+  TORCH_CHECK(centers_in.dim() == 2 || centers_in.dim() == 3, "centers must be [K, d] or [T, K, d], got ",
+              centers_in.dim(), "-D");
+  TORCH_CHECK(centers_in.scalar_type() == at::kFloat || centers_in.scalar_type() == at::kDouble,
+              "centers must be float32 or float64 for the cpu backend");
+  TORCH_CHECK(centers_in.device().is_cpu(), "centers must be a CPU tensor");
+  const int64_t B = z_in.size(0), d = z_in.size(1);
+  const bool per_group = centers_in.dim() == 3;
+  const int64_t K = centers_in.size(per_group ? 1 : 0), T = num_groups;
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1");
+  TORCH_CHECK(centers_in.size(-1) == d, "centers have ", centers_in.size(-1), " columns but z has ", d);
+  TORCH_CHECK(!per_group || centers_in.size(0) == T, "per-group centers must have num_groups=", T, " rows, got ",
+              centers_in.size(0));
+  TORCH_CHECK(target_in.size(0) == B && target_in.size(1) == K, "target must be [", B, ", ", K, "]");
+  check_groups(groups_in, B);
+  if (previous_in.has_value())
+    TORCH_CHECK(previous_in->dim() == 2 && previous_in->size(0) == T && previous_in->size(1) == d,
+                "previous must be [", T, ", ", d, "]");
+
+  const at::Tensor z = z_in.to(at::kDouble).contiguous();
+  const at::Tensor centers = centers_in.to(at::kDouble).contiguous();
+  const at::Tensor target = target_in.to(at::kDouble).contiguous();
+  const at::Tensor groups = groups_in.to(at::kLong).contiguous();
+  const double* zp = z.data_ptr<double>();
+  const double* cp = centers.data_ptr<double>();
+  const double* pp = target.data_ptr<double>();
+  const int64_t* gp = groups.data_ptr<int64_t>();
+  const bool fair = gamma != 0.0;
+  const double exponent = -(alpha + 1.0) / 2.0;
+
+  // ---- pass 1 over the rows: distances, Q, the KL and the sums the fairness term needs.
+  std::vector<double> dist(B * K), row_mass(B);
+  at::Tensor q64 = at::empty({B, K}, z.options());
+  double* q = q64.data_ptr<double>();
+  const int64_t center_elems = (per_group ? T : 1) * K * d;
+  const int64_t stats = 2 + K * K + K * d + T + T * d;   // kl, sum W^2, W^T W, W^T Z, counts, group sums
+  const ChunkPlan plan = plan_chunks(B, stats + center_elems);
+  std::vector<double> partial(plan.num_chunks * stats, 0.0);
+  std::vector<GroupErrors> errors(plan.num_chunks);
+  parallel_chunks(plan, [&](int64_t chunk) {
+    double* s = partial.data() + chunk * stats;
+    double *wtw = s + 2, *wtz = wtw + K * K, *counts = wtz + K * d, *sums = counts + T;
+    for (int64_t i = plan.begin(chunk); i < plan.end(chunk, B); ++i) {
+      const int64_t g = gp[i];
+      if (errors[chunk].out_of_range(g, T)) continue;
+      const double* zi = zp + i * d;
+      const double* ci = cp + (per_group ? g * K * d : 0);
+      double* qi = q + i * K;
+      double row_max = -std::numeric_limits<double>::infinity();
+      for (int64_t k = 0; k < K; ++k) {
+        double sq = 0.0;
+        for (int64_t j = 0; j < d; ++j) {
+          const double v = zi[j] - ci[k * d + j];
+          sq += v * v;
+        }
+        dist[i * K + k] = sq;
+        qi[k] = exponent * std::log(1.0 + sq / alpha);   // log, not log1p: 2x faster, same to ~1e-16 absolute
+        row_max = std::max(row_max, qi[k]);
+      }
+      // log q_k = s_k - lse exactly; the KL's clamp of q at LOG_EPS (reference.kl_div) only
+      // matters below q = 1e-12, which the heavy-tailed kernel does not reach on finite input.
+      double total = 0.0, mass = 0.0, p_log_p = 0.0, p_s = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = pp[i * K + k];
+        mass += p;
+        p_s += p * (qi[k] - row_max);
+        if (p > 0.0) p_log_p += p * log_clamped(p);
+        total += (qi[k] = std::exp(qi[k] - row_max));
+      }
+      const double inv_total = 1.0 / total, log_total = std::log(total);
+      for (int64_t k = 0; k < K; ++k) qi[k] *= inv_total;
+      const double kl = p_log_p - p_s + mass * log_total;
+      row_mass[i] = mass;
+      s[0] += kl;
+      counts[g] += 1.0;
+      for (int64_t j = 0; j < d; ++j) sums[g * d + j] += zi[j];
+      if (!fair) continue;
+      const double* wi = weights_from_q ? qi : pp + i * K;
+      for (int64_t a = 0; a < K; ++a) {
+        s[1] += wi[a] * wi[a];
+        for (int64_t b = 0; b < K; ++b) wtw[a * K + b] += wi[a] * wi[b];
+        for (int64_t j = 0; j < d; ++j) wtz[a * d + j] += wi[a] * zi[j];
+      }
+    }
+  });
+  raise_group_errors(errors, T);
+  std::vector<double> total(stats);
+  reduce_chunks(partial, plan.num_chunks, stats, total.data());
+  const double kl = total[0] / static_cast<double>(B);
+
+  // ---- the fairness term (serial, O(K^3 + K T d)): forward and the small part of its backward.
+  at::Tensor fairoids64 = at::empty({T, d}, z.options());
+  std::vector<double> Y(K * d, 0.0), d_pi(T * d, 0.0), sym(K * K, 0.0), inv_counts(T, 0.0);
+  double fair_value = 0.0, trace_term = 0.0;
+  {
+    const double* counts = total.data() + 2 + K * K + K * d;
+    const double* sums = counts + T;
+    std::vector<double> pi(T * d, 0.0);
+    std::vector<bool> present(T);
+    const double* prev = nullptr;
+    at::Tensor previous;
+    if (previous_in.has_value()) {
+      previous = previous_in->to(at::kDouble).contiguous();
+      prev = previous.data_ptr<double>();
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      present[t] = counts[t] > 0.0;
+      inv_counts[t] = present[t] ? 1.0 / counts[t] : 0.0;
+      for (int64_t j = 0; j < d; ++j)
+        pi[t * d + j] = present[t] ? sums[t * d + j] * inv_counts[t] : (prev ? prev[t * d + j] : 0.0);
+    }
+    if (fair) {
+      const double lam = ridge * std::max(total[1], kLogEps) / static_cast<double>(K);
+      std::vector<double> A(total.begin() + 2, total.begin() + 2 + K * K);
+      for (int64_t k = 0; k < K; ++k) A[k * K + k] += lam;
+      std::vector<double> M(total.begin() + 2 + K * K, total.begin() + 2 + K * K + K * d);
+      const bool factored = cholesky_lower(A, K);
+      if (factored) cholesky_solve(A, K, M, d);
+      std::vector<double> D(K * T), phi(K * T, 0.0), psi(K * T, 0.0), f_group(T, 0.0);
+      for (int64_t k = 0; k < K; ++k) {
+        double row_max = -std::numeric_limits<double>::infinity();
+        for (int64_t t = 0; t < T; ++t) {
+          double sq = 0.0;
+          for (int64_t j = 0; j < d; ++j) {
+            const double v = M[k * d + j] - pi[t * d + j];
+            sq += v * v;
+          }
+          D[k * T + t] = sq;
+          if (present[t]) {
+            phi[k * T + t] = exponent * std::log1p(sq / alpha);
+            row_max = std::max(row_max, phi[k * T + t]);
+          }
+        }
+        double row_total = 0.0;
+        for (int64_t t = 0; t < T; ++t)
+          if (present[t]) row_total += (phi[k * T + t] = std::exp(phi[k * T + t] - row_max));
+        for (int64_t t = 0; t < T; ++t) {
+          phi[k * T + t] = present[t] ? phi[k * T + t] / row_total : 0.0;
+          f_group[t] += phi[k * T + t];
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {       // Psi, the smoothed target (reference.fairoid_target)
+        double row_total = 0.0;
+        for (int64_t t = 0; t < T; ++t) {
+          const double w = present[t] ? std::pow(phi[k * T + t] + kPhiEps, 1.0 / beta) /
+                                            std::max(f_group[t], kLogEps) : 0.0;
+          psi[k * T + t] = w;
+          row_total += w;
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          double& v = psi[k * T + t];
+          v /= std::max(row_total, kLogEps);
+          fair_value += (v > 0.0 ? v * log_clamped(v) : 0.0) - v * log_clamped(phi[k * T + t]);
+        }
+      }
+      fair_value /= static_cast<double>(K);
+      // Backward of gamma * L_fr down to M and pi (ops/fairoid.py), then Y = A^-1 dL/dM.
+      std::vector<double> d_dist(K * T);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t t = 0; t < T; ++t)
+          d_dist[k * T + t] = (phi[k * T + t] - psi[k * T + t]) * (gamma / K) * exponent / (alpha + D[k * T + t]);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < d; ++j) {
+            const double diff = M[k * d + j] - pi[t * d + j];
+            Y[k * d + j] += 2.0 * d_dist[k * T + t] * diff;
+            d_pi[t * d + j] -= 2.0 * d_dist[k * T + t] * diff;
+          }
+      if (factored) {
+        cholesky_solve(A, K, Y, d);
+      } else {
+        const double nan = std::numeric_limits<double>::quiet_NaN();
+        std::fill(Y.begin(), Y.end(), nan);
+        fair_value = nan;
+      }
+      if (weights_from_q) {                    // dA = -Y M^T; dL/dW = W (dA + dA^T) + Z Y^T + 2 ridge tr(dA) / K W
+        for (int64_t a = 0; a < K; ++a)
+          for (int64_t b = 0; b < K; ++b) {
+            double ya_mb = 0.0, yb_ma = 0.0;
+            for (int64_t j = 0; j < d; ++j) {
+              ya_mb += Y[a * d + j] * M[b * d + j];
+              yb_ma += Y[b * d + j] * M[a * d + j];
+            }
+            sym[a * K + b] = -(ya_mb + yb_ma);
+            if (a == b) trace_term -= ya_mb;
+          }
+        trace_term *= 2.0 * ridge / static_cast<double>(K);
+      }
+    }
+    std::copy(pi.begin(), pi.end(), fairoids64.data_ptr<double>());
+  }
+
+  // ---- pass 2 over the rows: dL/ds (KL, and the fairness term through W = Q), then the
+  // Student-t backward to z and the centers.
+  at::Tensor grad_z64 = at::empty({B, d}, z.options());
+  double* gz = grad_z64.data_ptr<double>();
+  std::vector<double> grad_c_partial(plan.num_chunks * center_elems, 0.0);
+  const double inv_b = 1.0 / static_cast<double>(B);
+  parallel_chunks(plan, [&](int64_t chunk) {
+    double* gc = grad_c_partial.data() + chunk * center_elems;
+    std::vector<double> ds(K), gw(K);
+    for (int64_t i = plan.begin(chunk); i < plan.end(chunk, B); ++i) {
+      const int64_t g = gp[i];
+      const double* zi = zp + i * d;
+      const double* ci = cp + (per_group ? g * K * d : 0);
+      double* gci = gc + (per_group ? g * K * d : 0);
+      const double* qi = q + i * K;
+      const double* pi_row = pp + i * K;
+      double* gzi = gz + i * d;
+      for (int64_t k = 0; k < K; ++k) ds[k] = (qi[k] * row_mass[i] - pi_row[k]) * inv_b;
+      for (int64_t j = 0; j < d; ++j) gzi[j] = 0.0;
+      if (fair) {
+        const double* wi = weights_from_q ? qi : pi_row;
+        for (int64_t j = 0; j < d; ++j) {      // dL/dz_i = W_i Y + dL/dpi_{g_i} / n_{g_i}
+          double v = d_pi[g * d + j] * inv_counts[g];
+          for (int64_t k = 0; k < K; ++k) v += wi[k] * Y[k * d + j];
+          gzi[j] = v;
+        }
+        if (weights_from_q) {
+          double weighted = 0.0;
+          for (int64_t a = 0; a < K; ++a) {
+            double v = trace_term * wi[a];
+            for (int64_t b = 0; b < K; ++b) v += wi[b] * sym[b * K + a];
+            for (int64_t j = 0; j < d; ++j) v += zi[j] * Y[a * d + j];
+            gw[a] = v;
+            weighted += qi[a] * v;
+          }
+          for (int64_t k = 0; k < K; ++k) ds[k] += qi[k] * (gw[k] - weighted);
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const double coef = 2.0 * ds[k] * exponent / (alpha + dist[i * K + k]);
+        for (int64_t j = 0; j < d; ++j) {
+          const double v = coef * (zi[j] - ci[k * d + j]);
+          gzi[j] += v;
+          gci[k * d + j] -= v;
+        }
+      }
+    }
+  });
+  at::Tensor grad_c64 = at::empty(centers.sizes(), z.options());
+  reduce_chunks(grad_c_partial, plan.num_chunks, center_elems, grad_c64.data_ptr<double>());
+
+  const auto acc = z_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor terms = at::empty({2}, z.options());
+  terms.data_ptr<double>()[0] = kl;
+  terms.data_ptr<double>()[1] = fair ? fair_value : 0.0;
+  return {terms.to(acc), q64.to(z_in.scalar_type()), fairoids64.to(z_in.scalar_type()), grad_z64.to(z_in.scalar_type()),
+          grad_c64.to(centers_in.scalar_type())};
+}
+
+}  // namespace fairkernels::cpu

@@ -1,0 +1,149 @@
+"""The DFC clustering loss of a batch straight from the embeddings (docs/math.md §4 and §8):
+Student-t assignments Q to the centroids, KL(P || Q) and gamma KL(Psi || Phi), in one call.
+
+This is what the DFC trainer's clustering step computes. On CPU (backend "cpu", the default
+there) it is one C++ kernel that returns the value and both gradients at once
+(csrc/cpu/dfc_step.cpp): at DFC's batch of 256 the composition of tensor ops costs more than a
+narrow encoder's own step, in dispatch rather than arithmetic. Elsewhere it is the composition
+of the public ops (the Student-t kernel of the chosen backend, kl_div and the fused
+fairoid_term), and with backend="reference" the reference's ops throughout.
+"""
+from __future__ import annotations
+
+import torch
+
+from fairkernels import _backend, _checks, reference
+from fairkernels.ops.assign import student_t_assign
+from fairkernels.ops.dfc import dec_target, kl_div
+from fairkernels.ops.fairoid import fairoid_term
+
+CENTROIDS_FROM = ("target", "q")
+
+
+class DFCEmbeddingsFunction(torch.autograd.Function):
+    """Forward runs the fused kernel, which also returns dL/dz and dL/dcenters of
+    L = KL(P||Q) + gamma KL(Psi||Phi); backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q):
+        terms, q, fairoids, grad_z, grad_centers = torch.ops.fairkernels.dfc_step(
+            z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q)
+        ctx.save_for_backward(grad_z, grad_centers)
+        loss = (terms[0] + gamma * terms[1]).to(z.dtype) if gamma != 0.0 else terms[0].to(z.dtype)
+        ctx.mark_non_differentiable(terms, q, fairoids)
+        return loss, terms, q, fairoids
+
+    @staticmethod
+    def backward(ctx, grad_loss, _terms, _q, _fairoids):
+        grad_z, grad_centers = ctx.saved_tensors
+        grad_loss = grad_loss.to(grad_z.dtype)
+        return grad_loss * grad_z, grad_loss * grad_centers, None, None, None, None, None, None, None, None, None
+
+
+def own_group_student_t(z, centers, groups, alpha):
+    """Q of each row to its own group's K centroids (centers [T, K, d]), by the reference's
+    centred squared distances group by group (no B x K x d temporary)."""
+    q = z.new_empty(z.shape[0], centers.shape[1])
+    for t in range(centers.shape[0]):
+        rows = groups == t
+        q = q.masked_scatter(rows[:, None], reference.student_t_assign(z[rows], centers[t], alpha))
+    return q
+
+
+def _group_means(z, groups, num_groups, previous):
+    """The fairoids of reference.fairoids without its host sync (index_add_, not bincount)."""
+    counts = torch.zeros(num_groups, dtype=z.dtype, device=z.device).index_add_(
+        0, groups, torch.ones_like(groups, dtype=z.dtype))
+    means = torch.zeros(num_groups, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, groups, z)
+    means = means / counts.clamp_min(1.0)[:, None]
+    if previous is not None:
+        means = torch.where((counts > 0)[:, None], means, previous.to(z.dtype))
+    return means
+
+
+def _composed(z, centers, groups, num_groups, gamma, alpha, beta, target, previous, weights_from_q, ridge,
+              backend):
+    if centers.dim() == 3:
+        q = own_group_student_t(z, centers, groups, alpha)
+    elif backend == "reference":
+        q = reference.student_t_assign(z, centers, alpha)
+    else:
+        q = student_t_assign(z, centers, alpha, backend=backend, check_inputs=False)
+    l_cl = kl_div(target, q, backend=backend, check_inputs=False)
+    if gamma == 0.0:
+        fairoids = _group_means(z.detach(), groups, num_groups, previous)
+        return l_cl, l_cl, torch.zeros((), dtype=l_cl.dtype, device=z.device), fairoids, q.detach()
+    weights = q if weights_from_q else target
+    if backend == "reference":
+        centroids = reference.batch_centroids(weights, z, ridge)
+        fairoids, present = reference.fairoids(z, groups, num_groups, previous)
+        phi = reference.fairness_matrix(centroids, fairoids, alpha, present)
+        l_fr = reference.fairoid_loss(reference.fairoid_target(phi, beta, present=present), phi)
+        fairoids = fairoids.detach()
+    else:
+        l_fr, fairoids = fairoid_term(weights, z, groups, num_groups, alpha, beta, previous, ridge,
+                                      check_inputs=False)
+    l_fr = l_fr.to(l_cl.dtype)
+    return l_cl + gamma * l_fr, l_cl, l_fr, fairoids, q.detach()
+
+
+def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alpha=1.0, beta=1000.0, target=None,
+                             previous_fairoids=None, *, centroids_from="target", ridge=1e-6, backend="auto",
+                             check_inputs=True):
+    """L = KL(P||Q) + gamma KL(Psi||Phi) of docs/math.md §4 from the embeddings
+    -> (loss, l_cl, l_fr, fairoids [T, d], q [B, K]).
+
+    z: B x d embeddings; centers: [K, d] shared Student-t centroids or [T, K, d] per-group ones
+    (row i uses centers[groups[i]], docs/math.md §8); both get gradients. target: the DEC target
+    P of these rows (a constant; None computes it from this batch's Q). centroids_from: "target"
+    fits the eq. 12 batch centroids to P, as the paper does, "q" to the soft Q (then the fairness
+    term's gradient also flows through Q). previous_fairoids: fairoids kept for groups absent
+    from the batch. gamma = 0 is DEC (no fairness term; l_fr = 0). q is returned detached (the
+    trainer builds the next DEC target from it). Same value and gradients as
+    student_t_assign -> kl_div -> dfc_loss's fairness term (float64 inside on CPU)."""
+    _checks.check_matrix(z, "z")
+    _checks.check_tensor(centers, "centers", 3 if isinstance(centers, torch.Tensor) and centers.dim() == 3 else 2)
+    if centers.shape[-2] < 1:
+        raise ValueError(f"centers must hold at least one centroid, got shape {tuple(centers.shape)}")
+    if centers.shape[-1] != z.shape[1]:
+        raise ValueError(f"centers have {centers.shape[-1]} columns but z has {z.shape[1]}")
+    _checks.check_same_device("z", z, "centers", centers)
+    num_groups = _checks.check_groups(groups, z.shape[0], z, num_groups, check_inputs)
+    if centers.dim() == 3 and centers.shape[0] != num_groups:
+        raise ValueError(f"per-group centers must have num_groups={num_groups} rows, got {centers.shape[0]}")
+    K = centers.shape[-2]
+    gamma = _checks.check_real(gamma, "gamma")
+    alpha = _checks.check_positive(alpha, "alpha")
+    beta = _checks.check_positive(beta, "beta")
+    ridge = _checks.check_positive(ridge, "ridge")
+    if centroids_from not in CENTROIDS_FROM:
+        raise ValueError(f"centroids_from must be one of {CENTROIDS_FROM}, got {centroids_from!r}")
+    if previous_fairoids is not None and tuple(previous_fairoids.shape) != (num_groups, z.shape[1]):
+        raise ValueError(f"previous_fairoids must have shape {(num_groups, z.shape[1])}, "
+                         f"got {tuple(previous_fairoids.shape)}")
+    if check_inputs:
+        _checks.check_finite(z, "z")
+        _checks.check_finite(centers, "centers")
+    groups = groups.long()
+    if target is None:
+        with torch.no_grad():
+            q = own_group_student_t(z, centers, groups, alpha) if centers.dim() == 3 else \
+                student_t_assign(z, centers, alpha, backend=backend, check_inputs=False)
+            target = dec_target(q, backend=backend, check_inputs=False)
+    else:
+        _checks.check_matrix(target, "target")
+        if tuple(target.shape) != (z.shape[0], K):
+            raise ValueError(f"target must have shape {(z.shape[0], K)}, got {tuple(target.shape)}")
+        _checks.check_same_device("z", z, "target", target)
+        if check_inputs:
+            _checks.check_finite(target, "target")
+    target = target.detach()
+    weights_from_q = centroids_from == "q"
+    chosen = _backend.choose(backend, z.device, z.dtype, "dfc_embeddings")
+    if chosen == "cpu" and centers.dtype in _backend.CPU_DTYPES:
+        loss, terms, q, fairoids = DFCEmbeddingsFunction.apply(
+            z.contiguous(), centers.contiguous(), groups, target.contiguous(), previous_fairoids, num_groups,
+            alpha, beta, gamma, ridge, weights_from_q)
+        return loss, terms[0].to(z.dtype), terms[1].to(z.dtype), fairoids, q
+    return _composed(z, centers, groups, num_groups, gamma, alpha, beta, target, previous_fairoids, weights_from_q,
+                     ridge, backend)
