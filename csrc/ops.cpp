@@ -19,6 +19,7 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
   m.def("dfc_step(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor terms, Tensor q, Tensor fairoids, Tensor grad_z, Tensor grad_centers)");
   m.def("group_offsets(Tensor logits, Tensor groups, int num_groups, int max_iter, float tol) -> Tensor");
+  m.def("dec_batch_target(Tensor q, Tensor groups, Tensor? running, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency)");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
   m.def("kmeans_step(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist, Tensor sums, Tensor counts)");
 }
@@ -37,6 +38,7 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("cosine_bwd", &fairkernels::cpu::cosine_bwd);
   m.impl("dfc_step", &fairkernels::cpu::dfc_step);
   m.impl("group_offsets", &fairkernels::cpu::group_offsets);
+  m.impl("dec_batch_target", &fairkernels::cpu::dec_batch_target);
   m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
   m.impl("kmeans_step", &fairkernels::cpu::kmeans_step);
 }

@@ -19,7 +19,7 @@ CPU_DTYPES = (torch.float32, torch.float64)
 # or one elementwise pass that the reference already does at memory speed on CPU.
 EXTENSION_OPS = frozenset({"fcmi", "fcmi_embeddings", "histogram", "student_t", "cosine", "kmeans_assign"})
 # Ops with a C++ CPU kernel only: on a GPU they are compositions of the other ops' kernels.
-CPU_ONLY_OPS = frozenset({"dfc_embeddings", "group_offsets"})
+CPU_ONLY_OPS = frozenset({"dfc_embeddings", "group_offsets", "dec_batch_target"})
 
 
 @functools.lru_cache(maxsize=None)

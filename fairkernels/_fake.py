@@ -108,3 +108,8 @@ def _dfc_step(z, centers, groups, target, previous, num_groups, alpha, beta, gam
 @_register("group_offsets")
 def _group_offsets(logits, groups, num_groups, max_iter, tol):
     return logits.new_empty((num_groups, logits.shape[1]))
+
+
+@_register("dec_batch_target")
+def _dec_batch_target(q, groups, running, momentum, balance, num_groups, max_iter, tol):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1],), dtype=_acc_dtype(q.dtype))

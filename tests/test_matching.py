@@ -101,6 +101,27 @@ def test_group_offsets_kernel_matches_tensor_ops(seed, B, K, T, scale):
         matched.group_offsets(logits, groups + T, T)
 
 
+@pytest.mark.parametrize("balance, running", [(False, False), (True, False), (True, True)])
+def test_dec_batch_target_kernel_matches_tensor_ops(balance, running):
+    """The DFC trainer's per-batch DEC target (C++) against its plain-torch specification, and
+    the balanced one gives every group the batch's mean target."""
+    from fairkernels import _backend
+    from fairkernels.ops import torch_kernels
+    if _backend.choose("auto", torch.device("cpu"), torch.float64, "dec_batch_target") != "cpu":
+        pytest.skip("the compiled extension is not available")
+    generator = torch.Generator().manual_seed(3)
+    q = torch.softmax(3.0 * torch.randn(300, 6, generator=generator, dtype=torch.float64), 1)
+    groups = torch.randint(0, 2, (300,), generator=generator)
+    previous = torch.softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0) if running else None
+    got = torch.ops.fairkernels.dec_batch_target(q, groups, previous, 0.9, balance, 2, 200, 1e-6)
+    want = torch_kernels.dec_batch_target(q, groups, previous, 0.9, balance, 2, 200, 1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if balance:
+        shares = [got[0][groups == t].mean(0) for t in (0, 1)]
+        torch.testing.assert_close(shares[0], shares[1], rtol=1e-4, atol=1e-5)
+
+
 def test_refresh_keeps_cluster_identity_per_group():
     rng = np.random.default_rng(0)
     base = torch.as_tensor(rng.normal(size=(3, 5)) * 4)

@@ -67,6 +67,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
 at::Tensor group_offsets(const at::Tensor& logits, const at::Tensor& groups, int64_t num_groups, int64_t max_iter,
                          double tol);
 
+// The DFC trainer's per-batch DEC target (docs/math.md §4): f = momentum * running + (1 - momentum)
+// * (normalised column sums of q) (just the batch's when running is None), p_ik = q_ik^2 / f_k normalised over k,
+// and with balance the Sinkhorn balancing of group_offsets applied to log p. -> (p [B, K] in q's
+// dtype, f [K] acc).
+std::tuple<at::Tensor, at::Tensor> dec_batch_target(const at::Tensor& q, const at::Tensor& groups,
+                                                    const std::optional<at::Tensor>& running, double momentum,
+                                                    bool balance, int64_t num_groups, int64_t max_iter, double tol);
+
 // Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
 std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);
 // One fused Lloyd pass: kmeans_assign's outputs plus per-cluster row sums [K, d] (float64) and

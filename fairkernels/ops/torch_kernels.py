@@ -200,3 +200,22 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
         if iteration % 10 == 9 and float(step.abs().max()) <= tol:
             break
     return b.to(logits.dtype)
+
+
+def dec_batch_target(q, groups, running, momentum: float, balance: bool, num_groups: int, max_iter: int = 200,
+                     tol: float = 1e-6):
+    """-> (target[B,K] q's dtype, frequency[K] acc): the DFC trainer's per-batch DEC target
+    (docs/math.md §4). f = momentum * running + (1 - momentum) * (column sums of q / their
+    total), or the batch's alone when running is None; p_ik = (q_ik^2 / f_k) normalised over k;
+    with balance, p <- softmax(log p + c_{g_i}) with c = group_offsets(log p)."""
+    qa = q.double()
+    columns = qa.sum(0)
+    frequency = columns / columns.sum().clamp_min(1e-12)
+    if running is not None:
+        frequency = momentum * running.double() + (1.0 - momentum) * frequency
+    weight = qa * qa / frequency.clamp_min(1e-12)
+    target = weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
+    if balance:
+        log_p = torch.log(target.clamp_min(1e-12))
+        target = torch.softmax(log_p + group_offsets(log_p, groups, num_groups, max_iter, tol)[groups.long()], dim=1)
+    return target.to(q.dtype), frequency.to(_acc_dtype(q.dtype))

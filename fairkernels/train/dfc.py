@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import fairkernels as fk
+from fairkernels import _backend
 from fairkernels.models import StackedAutoencoder
 from fairkernels.reference import LOG_EPS
 from fairkernels.train import matched_centers as matched
@@ -166,6 +167,15 @@ class DFCTrainer(Trainer):
         column sums (all-reduced under DDP), so a batch that misses a cluster does not blow up
         its share. A constant of the step, as the interval target is."""
         cfg = self.config
+        if not self.parallel.active and \
+                _backend.choose(cfg.backend, q.device, q.dtype, "dec_batch_target") == "cpu":
+            # One C++ call, the balancing included (csrc/cpu/group_offsets.cpp): on large sets
+            # this runs every step, and as tensor ops it cost more than a narrow encoder's step.
+            balance = groups is not None and self.matched and cfg.balanced_assignment
+            target, self.state["frequency"] = torch.ops.fairkernels.dec_batch_target(
+                q.detach(), groups if groups is not None else torch.zeros(q.shape[0], dtype=torch.long),
+                self.state.get("frequency"), cfg.target_momentum, balance, self.num_groups, 200, 1e-6)
+            return target
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_acc = q.detach().to(acc)
         column_sums = q_acc.sum(0)
