@@ -15,7 +15,7 @@ import torch
 from fairkernels import _backend, _checks, reference
 from fairkernels.ops.assign import student_t_assign
 from fairkernels.ops.dfc import dec_target, kl_div
-from fairkernels.ops.fairoid import fairoid_term
+from fairkernels.ops.fairoid import fairoid_term, group_means
 
 CENTROIDS_FROM = ("target", "q")
 
@@ -29,7 +29,7 @@ class DFCEmbeddingsFunction(torch.autograd.Function):
         terms, q, fairoids, grad_z, grad_centers = torch.ops.fairkernels.dfc_step(
             z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q)
         ctx.save_for_backward(grad_z, grad_centers)
-        loss = (terms[0] + gamma * terms[1]).to(z.dtype) if gamma != 0.0 else terms[0].to(z.dtype)
+        loss = (terms[0] + gamma * terms[1]).to(z.dtype)     # terms[1] is 0 when gamma is 0
         ctx.mark_non_differentiable(terms, q, fairoids)
         return loss, terms, q, fairoids
 
@@ -40,38 +40,33 @@ class DFCEmbeddingsFunction(torch.autograd.Function):
         return grad_loss * grad_z, grad_loss * grad_centers, None, None, None, None, None, None, None, None, None
 
 
-def own_group_student_t(z, centers, groups, alpha):
-    """Q of each row to its own group's K centroids (centers [T, K, d]), by the reference's
-    centred squared distances group by group (no B x K x d temporary)."""
-    q = z.new_empty(z.shape[0], centers.shape[1])
-    for t in range(centers.shape[0]):
-        rows = groups == t
-        q = q.masked_scatter(rows[:, None], reference.student_t_assign(z[rows], centers[t], alpha))
-    return q
+def own_group_products(z, centers, groups) -> torch.Tensor:
+    """<z_i, c_{g_i, k}> (B x K) for per-group centers [T, K, d]: one B x (T K) product, then each
+    row's own group's K columns (no loop over groups, no host sync)."""
+    T, K, d = centers.shape
+    products = (z @ centers.reshape(T * K, d).t()).view(-1, T, K)
+    return products[torch.arange(products.shape[0], device=products.device), groups]
 
 
-def _group_means(z, groups, num_groups, previous):
-    """The fairoids of reference.fairoids without its host sync (index_add_, not bincount)."""
-    counts = torch.zeros(num_groups, dtype=z.dtype, device=z.device).index_add_(
-        0, groups, torch.ones_like(groups, dtype=z.dtype))
-    means = torch.zeros(num_groups, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, groups, z)
-    means = means / counts.clamp_min(1.0)[:, None]
-    if previous is not None:
-        means = torch.where((counts > 0)[:, None], means, previous.to(z.dtype))
-    return means
+def own_group_student_t_logits(z, centers, groups, alpha: float) -> torch.Tensor:
+    """-(alpha + 1) / 2 log(1 + |z_i - mu_{g_i,k}|^2 / alpha) (B x K) for per-group centroids
+    [T, K, d]; its row softmax is Q (docs/math.md §1.1 and §8). Differentiable in z and centers."""
+    cross = own_group_products(z, centers, groups)
+    squared = ((z * z).sum(1, keepdim=True) - 2.0 * cross + (centers * centers).sum(2)[groups]).clamp_min(0.0)
+    return -(alpha + 1.0) / 2.0 * torch.log1p(squared / alpha)
 
 
 def _composed(z, centers, groups, num_groups, gamma, alpha, beta, target, previous, weights_from_q, ridge,
               backend):
     if centers.dim() == 3:
-        q = own_group_student_t(z, centers, groups, alpha)
+        q = torch.softmax(own_group_student_t_logits(z, centers, groups, alpha), dim=1)
     elif backend == "reference":
         q = reference.student_t_assign(z, centers, alpha)
     else:
         q = student_t_assign(z, centers, alpha, backend=backend, check_inputs=False)
     l_cl = kl_div(target, q, backend=backend, check_inputs=False)
     if gamma == 0.0:
-        fairoids = _group_means(z.detach(), groups, num_groups, previous)
+        fairoids, _ = group_means(z.detach(), groups, num_groups, previous)
         return l_cl, l_cl, torch.zeros((), dtype=l_cl.dtype, device=z.device), fairoids, q.detach()
     weights = q if weights_from_q else target
     if backend == "reference":
@@ -127,7 +122,7 @@ def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alp
     groups = groups.long()
     if target is None:
         with torch.no_grad():
-            q = own_group_student_t(z, centers, groups, alpha) if centers.dim() == 3 else \
+            q = torch.softmax(own_group_student_t_logits(z, centers, groups, alpha), dim=1) if centers.dim() == 3 else \
                 student_t_assign(z, centers, alpha, backend=backend, check_inputs=False)
             target = dec_target(q, backend=backend, check_inputs=False)
     else:

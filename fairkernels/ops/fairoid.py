@@ -38,6 +38,19 @@ def _solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.where(info == 0, torch.cholesky_solve(B, factor), float("nan"))
 
 
+def group_means(z, groups, num_groups: int, previous=None):
+    """(pi [T, d], counts [T]) in z's dtype: the fairoids of reference.fairoids (absent groups keep
+    `previous`, else 0) without its host sync: index_add_, not bincount, which reads max(groups)
+    on the host (a sync per step on a GPU)."""
+    counts = torch.zeros(num_groups, dtype=z.dtype, device=z.device).index_add_(
+        0, groups, torch.ones(groups.shape[0], dtype=z.dtype, device=z.device))
+    pi = torch.zeros(num_groups, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, groups, z)
+    pi = pi / counts.clamp_min(1.0)[:, None]
+    if previous is not None:
+        pi = torch.where((counts > 0)[:, None], pi, previous.detach().to(z.dtype))
+    return pi, counts
+
+
 class FairoidTermFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, z, groups, num_groups, alpha, beta, previous, ridge):
@@ -46,14 +59,8 @@ class FairoidTermFunction(torch.autograd.Function):
         lam = ridge * (W * W).sum().clamp_min(LOG_EPS) / K
         A = W.t() @ W + lam * torch.eye(K, dtype=torch.float64, device=W.device)
         M = _solve_spd(A, W.t() @ Z)
-        # index_add_, not bincount: bincount reads max(groups) on the host (a sync per step on a GPU).
-        counts = torch.zeros(num_groups, dtype=torch.float64, device=Z.device).index_add_(
-            0, groups, torch.ones(groups.shape[0], dtype=torch.float64, device=Z.device))
+        pi, counts = group_means(Z, groups, num_groups, previous)
         present = counts > 0
-        pi = torch.zeros(num_groups, Z.shape[1], dtype=torch.float64, device=Z.device).index_add_(0, groups, Z)
-        pi = pi / counts.clamp_min(1.0)[:, None]
-        if previous is not None:
-            pi = torch.where(present[:, None], pi, previous.detach().double())
         D = ((M[:, None, :] - pi[None, :, :]) ** 2).sum(2)                          # K x T
         log_w = (-(alpha + 1.0) / 2.0 * torch.log1p(D / alpha)).masked_fill(~present[None, :], float("-inf"))
         phi = torch.softmax(log_w, dim=1)

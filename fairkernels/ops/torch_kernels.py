@@ -160,11 +160,10 @@ def dfc_step(z, centers, groups, target, previous, num_groups: int, alpha: float
         p = target.detach().double()
         kl = reference.kl_div(p, q)
         fair = torch.zeros((), dtype=torch.float64)
-        group_centroids, _ = reference.fairoids(z64.detach(), g, num_groups,
-                                                None if previous is None else previous.double())
+        pis, present = reference.fairoids(z64, g, num_groups, None if previous is None else previous.double())
+        group_centroids = pis.detach()
         if gamma != 0.0:
             centroids = reference.batch_centroids(q if weights_from_q else p, z64, ridge)
-            pis, present = reference.fairoids(z64, g, num_groups, None if previous is None else previous.double())
             phi = reference.fairness_matrix(centroids, pis, alpha, present)
             fair = reference.fairoid_loss(reference.fairoid_target(phi, beta, present=present), phi)
         grad_z, grad_c = torch.autograd.grad(kl + gamma * fair, [z64, c64])

@@ -74,16 +74,20 @@ def adam(params, lr: float) -> torch.optim.Adam:
     for these tensors: the per-parameter Python loop of the default CPU path costs as much as
     the model's own step for the small autoencoders of fair clustering."""
     params = list(params)
-    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=bool(params) and fusable)
+    return torch.optim.Adam(params, lr=lr, fused=_fusable(params))
 
 
 def sgd(params, lr: float, momentum: float) -> torch.optim.SGD:
     """SGD with momentum, fused where torch has it for these tensors (as `adam`: the fused CPU
     step measured 51 vs 91 us for DFC's narrow encoder and centroids)."""
     params = list(params)
-    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=bool(params) and fusable)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, fused=_fusable(params))
+
+
+def _fusable(params) -> bool:
+    """torch's fused optimizer steps take CPU/CUDA float32/float64 parameters."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                                for p in params)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fairkernels import _backend
 from fairkernels.ops import torch_kernels
+from fairkernels.ops.dfc_embeddings import own_group_products, own_group_student_t_logits
 from fairkernels.distributed import all_reduce_
 from fairkernels.kmeans import kmeans
 from fairkernels.matching import match_clusters
@@ -114,16 +115,9 @@ def means_from_labels(z, groups, labels, num_groups: int, n_clusters: int, proce
     return means.to(z.dtype)
 
 
-def _own_group_products(z, centers, groups) -> torch.Tensor:
-    """<z_i, c_{g_i, k}> (B x K): one B x (T K) product, then each row's own group's K columns."""
-    T, K, d = centers.shape
-    products = (z @ centers.reshape(T * K, d).t()).view(-1, T, K)
-    return products[torch.arange(products.shape[0], device=products.device), groups]
-
-
 def own_group_scores(h_unit, centers, groups) -> torch.Tensor:
     """cos(h_i, u_{g_i, k}) (B x K) for unit rows (differentiable in h_unit)."""
-    return _own_group_products(h_unit, F.normalize(centers, dim=2), groups)
+    return own_group_products(h_unit, F.normalize(centers, dim=2), groups)
 
 
 def assign_matched(h_unit, centers, groups, chunk_size: int) -> torch.Tensor:
@@ -149,12 +143,10 @@ def matched_logits(h, centers, groups, tau: float) -> torch.Tensor:
 
 
 def matched_student_t_logits(z, centers, groups, alpha: float) -> torch.Tensor:
-    """log of DEC's Student-t kernel between each row and its own group's K centers (B x K),
-    -(alpha + 1) / 2 log(1 + |z_i - mu_{g_i,k}|^2 / alpha) (docs/math.md §1.1 and §8); its
-    row softmax is the soft assignment q. Differentiable in z and centers."""
-    cross = _own_group_products(z, centers, groups)
-    squared = ((z * z).sum(1, keepdim=True) - 2.0 * cross + (centers * centers).sum(2)[groups]).clamp_min(0.0)
-    return -(alpha + 1.0) / 2.0 * torch.log1p(squared / alpha)
+    """log of DEC's Student-t kernel between each row and its own group's K centers (B x K)
+    (docs/math.md §1.1 and §8); its row softmax is the soft assignment q. Differentiable in z
+    and centers; the one implementation is the ops layer's (ops/dfc_embeddings.py)."""
+    return own_group_student_t_logits(z, centers, groups, alpha)
 
 
 def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter: int = 200,
