@@ -6,8 +6,12 @@ breakdown of where an epoch goes.
     python benchmarks/bench_train.py --quick                  # smoke test (used by the tests)
 
 Data: fairkernels.data.make_synthetic (64 features, 10 planted clusters, 2 groups, bias 0.5).
-One timed epoch per configuration, after one untimed epoch of the same phase (so lazy
-initialisation and the first k-means are not counted):
+--repeats (default 3) timed epochs per configuration, between one untimed epoch of the same
+phase before (lazy initialisation and the first k-means are not counted) and one after (its
+whole-set encoding for the final labels is not either); a row is the median epoch, and each
+isolated part below is the median of as many repeats. (A shared 2-core VM varies by 10-25%
+from one run to the next; one timed epoch against one 20-batch model timing could put the
+share outside the model anywhere within +-15 points.)
   FCMI  warmup_epochs=0: an epoch of L_rec + alpha L_clu + beta L_fair, then the whole-set
         encoding, the k-means refresh (warm-started from the last centres) and the metrics.
   DFC   pretrain/finetune epochs 0: an epoch of KL(P||Q) + gamma KL(Psi||Phi), with shared
@@ -107,8 +111,15 @@ def _loss_step(trainer, h, g, batches: int):
     return step
 
 
-def isolated_parts(trainer, X, groups, batch_size: int, batches: int) -> dict:
-    """model / loss / optimizer seconds for `batches` batches, each timed on its own."""
+def _median(values):
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else 0.5 * (ordered[len(ordered) // 2 - 1] +
+                                                                      ordered[len(ordered) // 2])
+
+
+def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: int = 1) -> dict:
+    """model / loss / optimizer seconds for `batches` batches, each timed on its own (the
+    median of `repeats` timings, taken in turn)."""
     device = trainer.device
     model = trainer.model
     model.train()
@@ -136,13 +147,16 @@ def isolated_parts(trainer, X, groups, batch_size: int, batches: int) -> dict:
     model_step()                         # one untimed run of each part
     loss_step()
     optimizer_step()
-    parts = {"model": _timed(model_step, device), "loss": _timed(loss_step, device),
-             "optimizer": _timed(optimizer_step, device)}
+    timings = {"model": [], "loss": [], "optimizer": []}
+    for _ in range(repeats):
+        for name, step in (("model", model_step), ("loss", loss_step), ("optimizer", optimizer_step)):
+            timings[name].append(_timed(step, device))
     model.zero_grad(set_to_none=True)
-    return parts
+    return {name: _median(values) for name, values in timings.items()}
 
 
-def bench(method: str, n: int, width: float, batch_size: int, device: str, max_epoch_seconds: float) -> dict:
+def bench(method: str, n: int, width: float, batch_size: int, device: str, max_epoch_seconds: float,
+          repeats: int = 3) -> dict:
     dataset = data.make_synthetic(n=n, dim=64, n_clusters=10, n_groups=2, bias=0.5, seed=0)
     X, groups = torch.from_numpy(dataset.X), torch.from_numpy(dataset.groups)
     batches = n // batch_size + (n % batch_size > 0)
@@ -150,7 +164,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     probe = trainer_for(method, width, batch_size, device, epochs=1).fit(X[:max(batch_size * 4, 2000)],
                                                                           groups[:max(batch_size * 4, 2000)])
     probe_batches = min(batches, 20)
-    parts = isolated_parts(probe, X, groups, batch_size, probe_batches)
+    parts = isolated_parts(probe, X, groups, batch_size, probe_batches, repeats)
     per_batch = sum(parts.values()) / probe_batches
     params = sum(p.numel() for p in probe.model.parameters())
     row = {"method": method, "n": n, "width": width, "batch_size": batch_size, "params": params}
@@ -160,16 +174,20 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
                    **{key: value * scale for key, value in parts.items()})
         row["points_per_s"] = n / row["epoch_s"]
         return row
-    # Three epochs, the middle one timed: the first pays one-off set-up (the clustering
+    # repeats + 2 epochs, the middle ones timed: the first pays one-off set-up (the clustering
     # phase's k-means init and first target) and the last a whole-set encoding for the final
-    # predictions; every other epoch of a real run looks like the middle one.
-    trainer = trainer_for(method, width, batch_size, device, epochs=3)
+    # predictions; every other epoch of a real run looks like the middle ones.
+    trainer = trainer_for(method, width, batch_size, device, epochs=repeats + 2)
     trainer.profile = True
     trainer.fit(X, groups)
-    first, timed = trainer.history[-3], trainer.history[-2]
-    # The timings of the second (timed) epoch: its cumulative totals minus the first epoch's.
-    seconds = {key: value - first["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
-    epoch_s = timed["seconds"]
+    history = trainer.history[-(repeats + 2):]
+    epochs = []
+    for before, timed in zip(history[:-2], history[1:-1]):
+        # The timings of a timed epoch: its cumulative totals minus the previous epoch's.
+        seconds = {key: value - before["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
+        epochs.append((timed["seconds"], seconds))
+    epochs.sort(key=lambda item: item[0])
+    epoch_s, seconds = epochs[len(epochs) // 2]          # the median epoch and its own breakdown
     scale = batches / probe_batches
     scaled = {key: value * scale for key, value in parts.items()}
     row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, train=seconds.get("train", 0.0),
@@ -188,11 +206,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: each method's default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-epoch-seconds", type=float, default=120.0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs (and part timings); the median is kept")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no CSV unless --out is given")
     parser.add_argument("--out", default=None, help="CSV to append to (default results/train.csv)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.widths = [3000], [0.1]
+        args.n, args.widths, args.repeats = [3000], [0.1], 1
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     out = args.out or (None if args.quick else os.path.join(REPO_ROOT, "benchmarks", "results", "train.csv"))
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
@@ -205,7 +226,7 @@ def main(argv=None) -> int:
         batch_size = args.batch_size or (512 if method == "fcmi" else 256)
         for width in args.widths:
             for n in args.n:
-                row = bench(method, n, width, batch_size, args.device, args.max_epoch_seconds)
+                row = bench(method, n, width, batch_size, args.device, args.max_epoch_seconds, args.repeats)
                 row.update(date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name,
                            threads=torch.get_num_threads())
                 rows.append(row)

@@ -18,6 +18,7 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("cosine_fwd(Tensor h, Tensor centers, float tau) -> Tensor");
   m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
   m.def("dfc_step(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor terms, Tensor q, Tensor fairoids, Tensor grad_z, Tensor grad_centers)");
+  m.def("dfc_loss(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor loss, Tensor l_cl, Tensor l_fr, Tensor q, Tensor fairoids)");
   m.def("group_offsets(Tensor logits, Tensor groups, int num_groups, int max_iter, float tol) -> Tensor");
   m.def("dec_batch_target(Tensor q, Tensor groups, Tensor? running, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency)");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
@@ -41,6 +42,16 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("dec_batch_target", &fairkernels::cpu::dec_batch_target);
   m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
   m.impl("kmeans_step", &fairkernels::cpu::kmeans_step);
+}
+
+// dfc_loss is dfc_step plus its autograd: the plain kernel for any device dfc_step has (CPU, and
+// Meta/fake tensors through dfc_step's fake kernel), and a C++ autograd node.
+TORCH_LIBRARY_IMPL(fairkernels, CompositeExplicitAutograd, m) {
+  m.impl("dfc_loss", &fairkernels::cpu::dfc_loss);
+}
+
+TORCH_LIBRARY_IMPL(fairkernels, Autograd, m) {
+  m.impl("dfc_loss", &fairkernels::cpu::dfc_loss_autograd);
 }
 
 // CUDA kernels (csrc/cuda/*.cu) register here, in a TORCH_LIBRARY_IMPL(fairkernels, CUDA, m)

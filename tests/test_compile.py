@@ -64,6 +64,26 @@ def test_assign_and_histogram_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("centers_shape", [(4, 6), (2, 4, 6)], ids=["shared", "per-group"])
+def test_dfc_loss_compiles_fullgraph(centers_shape):
+    """The DFC step (one C++ op with a C++ autograd node) traces as one opaque op, forward and
+    backward, and matches the reference composition."""
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    centers = torch.randn(*centers_shape, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 2, (32,), generator=gen)
+    target = torch.softmax(torch.randn(32, 4, generator=gen, dtype=torch.float64), 1)
+
+    def loss_fn(a, b, backend):
+        return fairkernels.dfc_loss_from_embeddings(a, b, groups, 2, 1.5, 1.0, 5.0, target, backend=backend)[0]
+
+    compiled = torch.compile(lambda a, b: loss_fn(a, b, "cpu"), fullgraph=True, backend="aot_eager")
+    got = _value_and_grad(compiled, z, centers)
+    want = _value_and_grad(lambda a, b: loss_fn(a, b, "reference"), z, centers)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_fake_kernels_shapes_and_dtypes():
     """Every operator's fake kernel agrees with the real one on shapes and dtypes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -87,6 +107,7 @@ def test_fake_kernels_shapes_and_dtypes():
         lambda a, b, c, grp, p: ops.cosine_bwd(p, p, a, c, 0.1),
         lambda a, b, c, grp, p: ops.kmeans_assign(a, c),
         lambda a, b, c, grp, p: ops.dfc_step(a, c, grp, p, None, 3, 1.0, 5.0, 1.0, 1e-6, False),
+        lambda a, b, c, grp, p: ops.dfc_loss(a, c, grp, p, None, 3, 1.0, 5.0, 1.0, 1e-6, False),
         lambda a, b, c, grp, p: ops.group_offsets(p, grp, 3, 50, 1e-6),
         lambda a, b, c, grp, p: ops.dec_batch_target(p, grp, None, 0.9, True, 3, 50, 1e-6),
     ]
@@ -140,6 +161,9 @@ def _opcheck_calls(contiguous: bool):
         ("dfc_step", (h, centers, groups, q, matrix(t, d), t, 1.0, 5.0, 1.5, 1e-6, False)),
         ("dfc_step", (h, torch.randn(t, k, d, generator=gen, dtype=torch.float64), groups, q, None, t, 1.0, 5.0,
                       1.5, 1e-6, True)),
+        ("dfc_loss", (h, centers, groups, q, matrix(t, d), t, 1.0, 5.0, 1.5, 1e-6, False)),
+        ("dfc_loss", (h, torch.randn(t, k, d, generator=gen, dtype=torch.float64), groups, q, None, t, 2.0, 5.0,
+                      0.0, 1e-6, True)),
         ("group_offsets", (logits, groups, t, 200, 1e-6)),
         ("dec_batch_target", (q, groups, None, 0.9, True, t, 200, 1e-6)),
         ("dec_batch_target", (q, groups, strided(torch.rand(k, generator=gen, dtype=torch.float64)), 0.9, False, t,

@@ -141,3 +141,27 @@ def test_singular_and_non_finite_inputs():
     bad[3, 1] = math.nan
     out = fk.dfc_loss_from_embeddings(bad, centers, groups, 2, 1.0, target=target, backend="cpu", check_inputs=False)
     assert math.isnan(float(out[0].detach()))
+
+
+@needs_cpu
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_autograd_node_chain_rule_and_sparse_targets(alpha):
+    """The C++ autograd node (csrc/cpu/dfc_loss.cpp) scales the kernel's gradients by the
+    incoming one, works when only one input needs a gradient, and the alpha = 1 shortcut of the
+    KL (one log per entry) agrees with the reference where the target has exact zeros."""
+    z, centers, groups, target, _ = _inputs(11, 37, 5, 4, 2, False, absent=False)
+    target = target.detach().clone()
+    target[::3, 1:] = 0.0                     # one-hot rows, as a hard target gives
+    target[::3, 0] = 1.0
+    got = fk.dfc_loss_from_embeddings(z, centers, groups, 2, 1.5, alpha, 10.0, target, backend="cpu")
+    want = _reference_loss(z, centers, groups, 2, 1.5, alpha, 10.0, target, None, "target")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-11, atol=1e-14)
+    scaled = torch.autograd.grad(-2.5 * got[0], (z, centers))
+    plain = torch.autograd.grad(want[0], (z, centers))
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, -2.5 * b, rtol=1e-10, atol=1e-13)
+    only_centers = fk.dfc_loss_from_embeddings(z.detach(), centers, groups, 2, 1.5, alpha, 10.0, target,
+                                               backend="cpu")[0]
+    (grad_centers,) = torch.autograd.grad(only_centers, centers)
+    torch.testing.assert_close(grad_centers, plain[1], rtol=1e-10, atol=1e-13)
+    assert not got[1].requires_grad and not got[2].requires_grad and not got[4].requires_grad

@@ -61,6 +61,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
     const std::optional<at::Tensor>& previous, int64_t num_groups, double alpha, double beta, double gamma,
     double ridge, bool weights_from_q);
 
+// dfc_step with its gradients as autograd (csrc/cpu/dfc_loss.cpp): (loss = l_cl + gamma * l_fr,
+// l_cl, l_fr, q, fairoids), the three losses 0-d in z's dtype; only loss is differentiable.
+using DFCLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+DFCLossOutputs dfc_loss(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                        const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
+                        double alpha, double beta, double gamma, double ridge, bool weights_from_q);
+DFCLossOutputs dfc_loss_autograd(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                                 const at::Tensor& target, const std::optional<at::Tensor>& previous,
+                                 int64_t num_groups, double alpha, double beta, double gamma, double ridge,
+                                 bool weights_from_q);
+
 // docs/math.md §8 balancing offsets b [T, K] (logits' dtype): the Sinkhorn fixed point that gives
 // every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i), at most
 // max_iter iterations, stopping when a 10th iteration moves no offset by more than tol.

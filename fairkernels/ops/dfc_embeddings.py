@@ -3,7 +3,7 @@ Student-t assignments Q to the centroids, KL(P || Q) and gamma KL(Psi || Phi), i
 
 This is what the DFC trainer's clustering step computes. On CPU (backend "cpu", the default
 there) it is one C++ kernel that returns the value and both gradients at once
-(csrc/cpu/dfc_step.cpp): at DFC's batch of 256 the composition of tensor ops costs more than a
+(csrc/cpu/dfc_step.cpp) behind a C++ autograd node (csrc/cpu/dfc_loss.cpp): at DFC's batch of 256 the composition of tensor ops costs more than a
 narrow encoder's own step, in dispatch rather than arithmetic. Elsewhere it is the composition
 of the public ops (the Student-t kernel of the chosen backend, kl_div and the fused
 fairoid_term), and with backend="reference" the reference's ops throughout.
@@ -18,26 +18,6 @@ from fairkernels.ops.dfc import dec_target, kl_div
 from fairkernels.ops.fairoid import fairoid_term, group_means
 
 CENTROIDS_FROM = ("target", "q")
-
-
-class DFCEmbeddingsFunction(torch.autograd.Function):
-    """Forward runs the fused kernel, which also returns dL/dz and dL/dcenters of
-    L = KL(P||Q) + gamma KL(Psi||Phi); backward scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q):
-        terms, q, fairoids, grad_z, grad_centers = torch.ops.fairkernels.dfc_step(
-            z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q)
-        ctx.save_for_backward(grad_z, grad_centers)
-        loss = (terms[0] + gamma * terms[1]).to(z.dtype)     # terms[1] is 0 when gamma is 0
-        ctx.mark_non_differentiable(terms, q, fairoids)
-        return loss, terms, q, fairoids
-
-    @staticmethod
-    def backward(ctx, grad_loss, _terms, _q, _fairoids):
-        grad_z, grad_centers = ctx.saved_tensors
-        grad_loss = grad_loss.to(grad_z.dtype)
-        return grad_loss * grad_z, grad_loss * grad_centers, None, None, None, None, None, None, None, None, None
 
 
 def own_group_products(z, centers, groups) -> torch.Tensor:
@@ -136,9 +116,11 @@ def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alp
     weights_from_q = centroids_from == "q"
     chosen = _backend.choose(backend, z.device, z.dtype, "dfc_embeddings")
     if chosen == "cpu" and centers.dtype in _backend.CPU_DTYPES:
-        loss, terms, q, fairoids = DFCEmbeddingsFunction.apply(
-            z.contiguous(), centers.contiguous(), groups, target.contiguous(), previous_fairoids, num_groups,
-            alpha, beta, gamma, ridge, weights_from_q)
-        return loss, terms[0].to(z.dtype), terms[1].to(z.dtype), fairoids, q
+        # dfc_step returns the value and both gradients; its autograd node (csrc/cpu/dfc_loss.cpp)
+        # only scales them, in C++, with no Python autograd.Function around it.
+        loss, l_cl, l_fr, q, fairoids = torch.ops.fairkernels.dfc_loss(
+            z.contiguous(), centers.contiguous(), groups, target.contiguous(), previous_fairoids, num_groups, alpha,
+            beta, gamma, ridge, weights_from_q)
+        return loss, l_cl, l_fr, fairoids, q
     return _composed(z, centers, groups, num_groups, gamma, alpha, beta, target, previous_fairoids, weights_from_q,
                      ridge, backend)

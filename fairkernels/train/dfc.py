@@ -35,7 +35,8 @@ from fairkernels import _backend
 from fairkernels.models import StackedAutoencoder
 from fairkernels.reference import LOG_EPS
 from fairkernels.train import matched_centers as matched
-from fairkernels.train.base import Trainer, adam, encode_all, nearest_center, sgd
+from fairkernels.train.base import Trainer, encode_all, nearest_center
+from fairkernels.train.optim import adam, sgd
 from fairkernels.train.config import DFCConfig
 
 

@@ -1,0 +1,93 @@
+// fairkernels::dfc_loss, the DFC clustering loss of a batch with its autograd in C++:
+// (loss, l_cl, l_fr, q, fairoids) from dfc_step, where loss = l_cl + gamma * l_fr in z's dtype.
+//
+// Why C++ autograd: dfc_step already returns both gradients, so the backward is two scalings.
+// As a Python torch.autograd.Function the forward and backward bookkeeping cost about as much
+// as the kernel itself at DFC's batch of 256 (README, Training speed); here it is one
+// dispatcher call forward and one C++ node backward. dfc_step is called through the
+// dispatcher, so fake tensors (torch.compile) reach its registered fake kernel.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+#include "kernels.h"
+
+namespace fairkernels::cpu {
+namespace {
+
+using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+StepOutputs call_step(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                      const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
+                      double alpha, double beta, double gamma, double ridge, bool weights_from_q) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fairkernels::dfc_step", "")
+                       .typed<StepOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, int64_t, double, double, double, double,
+                                          bool)>();
+  return op.call(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
+}
+
+// loss, l_cl, l_fr in z's dtype from dfc_step's terms (acc dtype): terms[1] is 0 when gamma is 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scalar_terms(const at::Tensor& terms, const at::Tensor& z,
+                                                            double gamma) {
+  // copy=true: fresh outputs even when the dtypes agree (an operator must not return a view of
+  // another op's output as if it were its own; opcheck's schema test).
+  const auto dtype = z.scalar_type();
+  const at::Tensor l_cl = terms.select(0, 0).to(dtype, false, true);
+  const at::Tensor l_fr = terms.select(0, 1).to(dtype, false, true);
+  at::Tensor loss = gamma == 0.0 ? l_cl.clone() : terms.select(0, 0).add(terms.select(0, 1), gamma);
+  if (loss.scalar_type() != dtype) loss = loss.to(dtype);
+  return {loss, l_cl, l_fr};
+}
+
+class DFCLossFunction : public torch::autograd::Function<DFCLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
+                                                const at::Tensor& centers, const at::Tensor& groups,
+                                                const at::Tensor& target, const std::optional<at::Tensor>& previous,
+                                                int64_t num_groups, double alpha, double beta, double gamma,
+                                                double ridge, bool weights_from_q) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [terms, q, fairoids, grad_z, grad_centers] =
+        call_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
+    auto [loss, l_cl, l_fr] = scalar_terms(terms, z, gamma);
+    ctx->save_for_backward({grad_z, grad_centers});
+    ctx->mark_non_differentiable({l_cl, l_fr, q, fairoids});
+    return {loss, l_cl, l_fr, q, fairoids};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_loss = grad_outputs[0];
+    at::Tensor grad_z, grad_centers;
+    if (grad_loss.defined()) {
+      grad_z = saved[0].mul(grad_loss);
+      grad_centers = saved[1].mul(grad_loss);
+    }
+    return {grad_z, grad_centers, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+DFCLossOutputs dfc_loss(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                        const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
+                        double alpha, double beta, double gamma, double ridge, bool weights_from_q) {
+  auto [terms, q, fairoids, grad_z, grad_centers] =
+      call_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
+  auto [loss, l_cl, l_fr] = scalar_terms(terms, z, gamma);
+  return {loss, l_cl, l_fr, q, fairoids};
+}
+
+DFCLossOutputs dfc_loss_autograd(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                                 const at::Tensor& target, const std::optional<at::Tensor>& previous,
+                                 int64_t num_groups, double alpha, double beta, double gamma, double ridge,
+                                 bool weights_from_q) {
+  const auto out = DFCLossFunction::apply(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge,
+                                          weights_from_q);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace fairkernels::cpu

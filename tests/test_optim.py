@@ -1,0 +1,118 @@
+"""The trainers' Adam and SGD (fairkernels/train/optim.py): the direct fused-kernel step gives
+exactly torch's own step, state and checkpoints stay torch's, and every case the direct path does
+not cover (first step, closure, hooks, missing gradients) runs torch's step."""
+import copy
+
+import pytest
+import torch
+
+from fairkernels.train.optim import LeanAdam, LeanSGD, adam, sgd
+
+FUSED_CPU = True
+try:
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, fused=True).step()
+except RuntimeError:
+    FUSED_CPU = False
+pytestmark = pytest.mark.skipif(not FUSED_CPU, reason="this torch has no fused CPU optimizers")
+
+
+def _params(seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=dtype)) for shape in ((7, 5), (5,), (3, 4))]
+
+
+def _set_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _reference(kind, params, **kwargs):
+    cls = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
+    return cls(params, fused=True, **kwargs)
+
+
+def _lean(kind, params, **kwargs):
+    cls = LeanSGD if kind == "sgd" else LeanAdam
+    return cls(params, fused=True, **kwargs)
+
+
+CASES = [
+    ("sgd", dict(lr=0.05, momentum=0.9)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("sgd", dict(lr=0.05, momentum=0.5, dampening=0.1, maximize=True)),
+    ("adam", dict(lr=1e-2)),
+    ("adam", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-2, amsgrad=True)),
+    ("adam", dict(lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,kwargs", CASES)
+def test_matches_torch_step_bitwise(kind, kwargs, dtype):
+    want, got = _params(0, dtype), _params(0, dtype)
+    reference, lean = _reference(kind, want, **kwargs), _lean(kind, got, **kwargs)
+    for step in range(6):
+        _set_grads(want, step)
+        _set_grads(got, step)
+        reference.step()
+        lean.step()
+        assert lean._fast(lean.param_groups[0]) is not None     # steps 2.. take the direct path
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    for a, b in zip(want, got):
+        for key, value in reference.state[a].items():
+            assert torch.equal(value, lean.state[b][key]), key
+
+
+@pytest.mark.parametrize("kind,kwargs", [CASES[0], CASES[3]])
+def test_state_dict_round_trip_continues_identically(kind, kwargs):
+    """A checkpointed optimizer resumes where it was: same state_dict format as torch's."""
+    params = _params(1)
+    lean = _lean(kind, params, **kwargs)
+    for step in range(3):
+        _set_grads(params, step)
+        lean.step()
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(lean.state_dict())
+    torch_state = _reference(kind, [torch.nn.Parameter(p.clone()) for p in saved_params], **kwargs).state_dict()
+    assert saved_state.keys() == torch_state.keys()
+    for step in range(3, 6):
+        _set_grads(params, step)
+        lean.step()
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    again = _lean(kind, resumed, **kwargs)
+    again.load_state_dict(saved_state)
+    for step in range(3, 6):
+        _set_grads(resumed, step)
+        again.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,kwargs", [CASES[0], CASES[3]])
+def test_torch_paths_still_run(kind, kwargs):
+    """Closure, step hooks and a parameter without a gradient take torch's step (same result)."""
+    want, got = _params(2), _params(2)
+    reference, lean = _reference(kind, want, **kwargs), _lean(kind, got, **kwargs)
+    calls = []
+    lean.register_step_post_hook(lambda opt, args, kw: calls.append(1))
+    for step in range(3):
+        _set_grads(want, step)
+        _set_grads(got, step)
+        want[1].grad = got[1].grad = None           # a parameter outside this step's graph
+        assert reference.step(lambda: torch.tensor(1.0)).item() == lean.step(lambda: torch.tensor(1.0)).item()
+    assert calls == [1, 1, 1]
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+
+
+def test_factories_pick_fused_only_for_supported_tensors():
+    assert isinstance(sgd(_params(3), 0.1, 0.9), LeanSGD) and sgd(_params(3), 0.1, 0.9).param_groups[0]["fused"]
+    assert adam(_params(3), 1e-3).param_groups[0]["fused"]
+    half = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))]
+    assert not adam(half, 1e-3).param_groups[0]["fused"]
+    opt = sgd(half, 0.1, 0.9)                       # torch's unfused step, through the same class
+    half[0].grad = torch.ones(3, dtype=torch.float16)
+    opt.step()
+    assert torch.all(half[0] < 0)
