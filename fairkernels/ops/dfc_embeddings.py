@@ -18,6 +18,7 @@ from fairkernels.ops.dfc import dec_target, kl_div
 from fairkernels.ops.fairoid import fairoid_term, group_means
 
 CENTROIDS_FROM = ("target", "q")
+RIDGE = 1e-6      # eq. 12 ridge: lam = RIDGE * trace(W^T W) / K (docs/math.md §8)
 
 
 def own_group_products(z, centers, groups) -> torch.Tensor:
@@ -63,7 +64,7 @@ def _composed(z, centers, groups, num_groups, gamma, alpha, beta, target, previo
 
 
 def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alpha=1.0, beta=1000.0, target=None,
-                             previous_fairoids=None, *, centroids_from="target", ridge=1e-6, backend="auto",
+                             previous_fairoids=None, *, centroids_from="target", ridge=RIDGE, backend="auto",
                              check_inputs=True):
     """L = KL(P||Q) + gamma KL(Psi||Phi) of docs/math.md §4 from the embeddings
     -> (loss, l_cl, l_fr, fairoids [T, d], q [B, K]).
@@ -113,7 +114,15 @@ def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alp
         if check_inputs:
             _checks.check_finite(target, "target")
     target = target.detach()
-    weights_from_q = centroids_from == "q"
+    return dfc_loss_unchecked(z, centers, groups, num_groups, gamma, alpha, beta, target, previous_fairoids,
+                              centroids_from == "q", ridge, backend)
+
+
+def dfc_loss_unchecked(z, centers, groups, num_groups: int, gamma: float, alpha: float, beta: float, target,
+                       previous_fairoids, weights_from_q: bool, ridge: float, backend: str):
+    """dfc_loss_from_embeddings without its argument checks, for a caller that has validated
+    them once (the DFC trainer, every step): groups int64, target [B, K] given and detached,
+    previous_fairoids [T, d] or None, num_groups an int. Same outputs."""
     chosen = _backend.choose(backend, z.device, z.dtype, "dfc_embeddings")
     if chosen == "cpu" and centers.dtype in _backend.CPU_DTYPES:
         # dfc_step returns the value and both gradients; its autograd node (csrc/cpu/dfc_loss.cpp)
