@@ -35,6 +35,7 @@ import argparse
 import csv
 import datetime
 import os
+import statistics
 import sys
 import time
 
@@ -111,12 +112,6 @@ def _loss_step(trainer, h, g, batches: int):
     return step
 
 
-def _median(values):
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if len(ordered) % 2 else 0.5 * (ordered[len(ordered) // 2 - 1] +
-                                                                      ordered[len(ordered) // 2])
-
-
 def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: int = 1) -> dict:
     """model / loss / optimizer seconds for `batches` batches, each timed on its own (the
     median of `repeats` timings, taken in turn)."""
@@ -152,7 +147,7 @@ def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: i
         for name, step in (("model", model_step), ("loss", loss_step), ("optimizer", optimizer_step)):
             timings[name].append(_timed(step, device))
     model.zero_grad(set_to_none=True)
-    return {name: _median(values) for name, values in timings.items()}
+    return {name: statistics.median(values) for name, values in timings.items()}
 
 
 def bench(method: str, n: int, width: float, batch_size: int, device: str, max_epoch_seconds: float,

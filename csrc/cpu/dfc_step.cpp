@@ -175,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
       counts[g] += 1.0;
       for (int64_t j = 0; j < d; ++j) sums[g * d + j] += zi[j];
       if (!fair) continue;
-      const double* __restrict wi = weights_from_q ? qi : pi_row;
+      // Not __restrict: with weights_from_q it is qi, written above through another pointer.
+      const double* wi = weights_from_q ? qi : pi_row;
       for (int64_t a = 0; a < K; ++a) {
         const double wa = wi[a];
         w_squares += wa * wa;
@@ -301,9 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
   double* gz = grad_z64.data_ptr<double>();
   std::vector<double> grad_c_partial(plan.num_chunks * center_elems, 0.0);
   const double inv_b = 1.0 / static_cast<double>(B);
-  std::vector<double> Y_t(d * K);            // Y transposed, for the weights_from_q gradient
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t j = 0; j < d; ++j) Y_t[j * K + k] = Y[k * d + j];
+  std::vector<double> Y_t(fair && weights_from_q ? d * K : 0);   // Y transposed, for the weights_from_q gradient
+  if (!Y_t.empty())
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < d; ++j) Y_t[j * K + k] = Y[k * d + j];
   // Loops run over contiguous j (or a) with the sums in the order of the reference formulas.
   parallel_chunks(plan, [&](int64_t chunk) {
     double* __restrict gc = grad_c_partial.data() + chunk * center_elems;

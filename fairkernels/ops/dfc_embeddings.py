@@ -3,8 +3,9 @@ Student-t assignments Q to the centroids, KL(P || Q) and gamma KL(Psi || Phi), i
 
 This is what the DFC trainer's clustering step computes. On CPU (backend "cpu", the default
 there) it is one C++ kernel that returns the value and both gradients at once
-(csrc/cpu/dfc_step.cpp) behind a C++ autograd node (csrc/cpu/dfc_loss.cpp): at DFC's batch of 256 the composition of tensor ops costs more than a
-narrow encoder's own step, in dispatch rather than arithmetic. Elsewhere it is the composition
+(csrc/cpu/dfc_step.cpp), behind a C++ autograd node (csrc/cpu/dfc_loss.cpp): at DFC's batch
+of 256 the composition of tensor ops costs more than a narrow encoder's own step, in dispatch
+rather than arithmetic. Elsewhere it is the composition
 of the public ops (the Student-t kernel of the chosen backend, kl_div and the fused
 fairoid_term), and with backend="reference" the reference's ops throughout.
 """

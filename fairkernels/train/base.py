@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from fairkernels.train import checkpoint as ckpt
 from fairkernels.train.config import TrainConfig
 from fairkernels.train.evaluation import count_pairs, label_codes, metrics_from_counts
-from fairkernels.train.parallel import Parallel, local_device, wants_distributed
 from fairkernels.train.optim import adam
+from fairkernels.train.parallel import Parallel, local_device, wants_distributed
 from fairkernels.train.sync_batchnorm import convert_batch_norm
 
 

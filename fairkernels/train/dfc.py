@@ -37,8 +37,8 @@ from fairkernels.ops.dfc_embeddings import RIDGE, dfc_loss_unchecked
 from fairkernels.reference import LOG_EPS
 from fairkernels.train import matched_centers as matched
 from fairkernels.train.base import Trainer, encode_all, nearest_center
-from fairkernels.train.optim import adam, sgd
 from fairkernels.train.config import DFCConfig
+from fairkernels.train.optim import adam, sgd
 
 
 class DFCTrainer(Trainer):
