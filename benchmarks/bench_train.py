@@ -20,7 +20,8 @@ share outside the model anywhere within +-15 points.)
 Breakdown columns (seconds of the timed epoch):
   train      the mini-batch loop as the trainer runs it (data, model, loss, optimiser)
   model      the model's own forward + backward of the same number of batches, timed alone
-             (reconstruction loss only, same batch size and model)
+             right after that epoch, on the trainer's model (reconstruction loss only, same batch
+             size), so that the epoch and its model timing see the machine at the same speed
   loss       the method's fused loss (forward + backward) on the same number of batches, alone
   optimizer  Adam/SGD steps of the same number of batches, alone
   encode     whole-set encoding under no_grad;  kmeans  the centre refresh;  metrics
@@ -112,6 +113,31 @@ def _loss_step(trainer, h, g, batches: int):
     return step
 
 
+def model_timer(trainer, X, groups, batch_size: int, batches: int):
+    """A function that times the model's own forward + backward of `batches` batches (seconds)."""
+    model = trainer.model
+    x = X[:batch_size].to(trainer.device)
+    g = groups[:batch_size].to(trainer.device)
+    fcmi = isinstance(trainer.config, FCMIConfig)
+
+    def model_step():
+        for _ in range(batches):
+            if fcmi:                       # FCMI trains the whole autoencoder
+                h, x_hat = model(x, g)
+                F.mse_loss(x_hat, x).backward()
+            else:                          # DFC's clustering phase trains the encoder only
+                model.encode(x).square().mean().backward()
+
+    def timed() -> float:
+        was_training = model.training
+        model.train()
+        try:
+            return _timed(model_step, trainer.device)
+        finally:
+            model.train(was_training)
+    return timed
+
+
 def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: int = 1) -> dict:
     """model / loss / optimizer seconds for `batches` batches, each timed on its own (the
     median of `repeats` timings, taken in turn)."""
@@ -122,15 +148,7 @@ def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: i
     g = groups[:batch_size].to(device)
     fcmi = isinstance(trainer.config, FCMIConfig)
     optimizer = trainer.make_optimizer("fcmi" if fcmi else "cluster")
-
-    def model_step():
-        for _ in range(batches):
-            if fcmi:                       # FCMI trains the whole autoencoder
-                h, x_hat = model(x, g)
-                F.mse_loss(x_hat, x).backward()
-            else:                          # DFC's clustering phase trains the encoder only
-                model.encode(x).square().mean().backward()
-
+    time_model = model_timer(trainer, X, groups, batch_size, batches)
     with torch.no_grad():
         h = model.encode(x)
     loss_step = _loss_step(trainer, h.detach().requires_grad_(True), g, batches)
@@ -139,13 +157,14 @@ def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: i
         for _ in range(batches):
             optimizer.step()
 
-    model_step()                         # one untimed run of each part
+    time_model()                         # one untimed run of each part
     loss_step()
     optimizer_step()
     timings = {"model": [], "loss": [], "optimizer": []}
     for _ in range(repeats):
-        for name, step in (("model", model_step), ("loss", loss_step), ("optimizer", optimizer_step)):
-            timings[name].append(_timed(step, device))
+        timings["model"].append(time_model())
+        timings["loss"].append(_timed(loss_step, device))
+        timings["optimizer"].append(_timed(optimizer_step, device))
     model.zero_grad(set_to_none=True)
     return {name: statistics.median(values) for name, values in timings.items()}
 
@@ -163,8 +182,8 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     per_batch = sum(parts.values()) / probe_batches
     params = sum(p.numel() for p in probe.model.parameters())
     row = {"method": method, "n": n, "width": width, "batch_size": batch_size, "params": params}
+    scale = batches / probe_batches
     if per_batch * batches > max_epoch_seconds:
-        scale = batches / probe_batches
         row.update(status="estimated", epoch_s=per_batch * batches,
                    **{key: value * scale for key, value in parts.items()})
         row["points_per_s"] = n / row["epoch_s"]
@@ -174,22 +193,37 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # predictions; every other epoch of a real run looks like the middle ones.
     trainer = trainer_for(method, width, batch_size, device, epochs=repeats + 2)
     trainer.profile = True
+    # The model's own time is measured right after each epoch, on the trainer's model, and
+    # paired with that epoch: this VM's speed drifts by 10-25% within minutes, so a model
+    # timing taken before the fit made the share outside the model swing by as much.
+    paired, measuring = [], []
+    end_epoch = trainer.end_epoch
+
+    def end_epoch_then_time_model(*args):
+        result = end_epoch(*args)
+        started = time.perf_counter()
+        time_model = model_timer(trainer, X, groups, batch_size, probe_batches)
+        paired.append(statistics.median(time_model() for _ in range(repeats)) * scale)
+        measuring.append(time.perf_counter() - started)
+        return result
+    trainer.end_epoch = end_epoch_then_time_model
     trainer.fit(X, groups)
     history = trainer.history[-(repeats + 2):]
+    assert len(paired) == len(trainer.history), "one model timing per epoch"
     epochs = []
-    for before, timed in zip(history[:-2], history[1:-1]):
-        # The timings of a timed epoch: its cumulative totals minus the previous epoch's.
+    for position, (before, timed) in enumerate(zip(history[:-2], history[1:-1]), start=1):
+        # The timings of a timed epoch: its cumulative totals minus the previous epoch's; its
+        # seconds without the model timing that followed it.
         seconds = {key: value - before["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
-        epochs.append((timed["seconds"], seconds))
+        epochs.append((timed["seconds"] - measuring[position], seconds, paired[position]))
     epochs.sort(key=lambda item: item[0])
-    epoch_s, seconds = epochs[len(epochs) // 2]          # the median epoch and its own breakdown
-    scale = batches / probe_batches
-    scaled = {key: value * scale for key, value in parts.items()}
+    epoch_s, seconds, model_s = epochs[len(epochs) // 2]          # the median epoch, its breakdown and model
     row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, train=seconds.get("train", 0.0),
                encode=seconds.get("encode", 0.0), kmeans=seconds.get("kmeans", 0.0),
-               metrics=seconds.get("metrics", 0.0), **scaled)
-    row["overhead"] = max(0.0, row["train"] - sum(scaled.values()))
-    row["outside_model"] = (epoch_s - scaled["model"]) / epoch_s
+               metrics=seconds.get("metrics", 0.0), model=model_s, loss=parts["loss"] * scale,
+               optimizer=parts["optimizer"] * scale)
+    row["overhead"] = max(0.0, row["train"] - row["model"] - row["loss"] - row["optimizer"])
+    row["outside_model"] = (epoch_s - model_s) / epoch_s
     return row
 
 

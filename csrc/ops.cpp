@@ -17,10 +17,10 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("student_t_bwd(Tensor grad_q, Tensor q, Tensor z, Tensor centers, float alpha) -> (Tensor, Tensor)");
   m.def("cosine_fwd(Tensor h, Tensor centers, float tau) -> Tensor");
   m.def("cosine_bwd(Tensor grad_c, Tensor c, Tensor h, Tensor centers, float tau) -> (Tensor, Tensor)");
-  m.def("dfc_step(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor terms, Tensor q, Tensor fairoids, Tensor grad_z, Tensor grad_centers)");
+  m.def("dfc_step(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor loss, Tensor l_cl, Tensor l_fr, Tensor q, Tensor fairoids, Tensor grad_z, Tensor grad_centers)");
   m.def("dfc_loss(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor loss, Tensor l_cl, Tensor l_fr, Tensor q, Tensor fairoids)");
   m.def("group_offsets(Tensor logits, Tensor groups, int num_groups, int max_iter, float tol) -> Tensor");
-  m.def("dec_batch_target(Tensor q, Tensor groups, Tensor? running, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency)");
+  m.def("dec_batch_target(Tensor q, Tensor groups, Tensor? running, Tensor? offsets, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency, Tensor offsets)");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
   m.def("kmeans_step(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist, Tensor sums, Tensor counts)");
 }

@@ -101,7 +101,7 @@ def _kmeans_step(x, centers):
 @_register("dfc_step")
 def _dfc_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q):
     rows, dims = z.shape
-    return (z.new_empty((2,), dtype=_acc_dtype(z.dtype)), z.new_empty((rows, target.shape[1])),
+    return (z.new_empty(()), z.new_empty(()), z.new_empty(()), z.new_empty((rows, target.shape[1])),
             z.new_empty((num_groups, dims)), _like(z), _like(centers))
 
 
@@ -111,5 +111,6 @@ def _group_offsets(logits, groups, num_groups, max_iter, tol):
 
 
 @_register("dec_batch_target")
-def _dec_batch_target(q, groups, running, momentum, balance, num_groups, max_iter, tol):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1],), dtype=_acc_dtype(q.dtype))
+def _dec_batch_target(q, groups, running, offsets, momentum, balance, num_groups, max_iter, tol):
+    return (q.new_empty(q.shape), q.new_empty((q.shape[1],), dtype=_acc_dtype(q.dtype)),
+            q.new_empty((num_groups, q.shape[1]), dtype=torch.float64))

@@ -109,7 +109,7 @@ def test_fake_kernels_shapes_and_dtypes():
         lambda a, b, c, grp, p: ops.dfc_step(a, c, grp, p, None, 3, 1.0, 5.0, 1.0, 1e-6, False),
         lambda a, b, c, grp, p: ops.dfc_loss(a, c, grp, p, None, 3, 1.0, 5.0, 1.0, 1e-6, False),
         lambda a, b, c, grp, p: ops.group_offsets(p, grp, 3, 50, 1e-6),
-        lambda a, b, c, grp, p: ops.dec_batch_target(p, grp, None, 0.9, True, 3, 50, 1e-6),
+        lambda a, b, c, grp, p: ops.dec_batch_target(p, grp, None, None, 0.9, True, 3, 50, 1e-6),
     ]
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (x, x, centers, g, q)]
@@ -165,9 +165,11 @@ def _opcheck_calls(contiguous: bool):
         ("dfc_loss", (h, torch.randn(t, k, d, generator=gen, dtype=torch.float64), groups, q, None, t, 2.0, 5.0,
                       0.0, 1e-6, True)),
         ("group_offsets", (logits, groups, t, 200, 1e-6)),
-        ("dec_batch_target", (q, groups, None, 0.9, True, t, 200, 1e-6)),
-        ("dec_batch_target", (q, groups, strided(torch.rand(k, generator=gen, dtype=torch.float64)), 0.9, False, t,
+        ("dec_batch_target", (q, groups, None, None, 0.9, True, t, 200, 1e-6)),
+        ("dec_batch_target", (q, groups, None, torch.randn(t, k, generator=gen, dtype=torch.float64), 0.9, True, t,
                               200, 1e-6)),
+        ("dec_batch_target", (q, groups, strided(torch.rand(k, generator=gen, dtype=torch.float64)), None, 0.9, False,
+                              t, 200, 1e-6)),
     ]
 
 

@@ -74,9 +74,35 @@ def test_kernel_matches_its_plain_torch_specification(per_group):
     """torch.ops.fairkernels.dfc_step against fairkernels/ops/torch_kernels.dfc_step, every output."""
     z, centers, groups, target, previous = _inputs(7, 33, 4, 3, 3, per_group, absent=True)
     args = (z.detach(), centers.detach(), groups, target, previous, 3, 1.0, 5.0, 1.5, 1e-6, True)
-    for name, a, b in zip(("terms", "q", "fairoids", "grad_z", "grad_centers"), torch.ops.fairkernels.dfc_step(*args),
-                          torch_kernels.dfc_step(*args)):
+    for name, a, b in zip(STEP_OUTPUTS, torch.ops.fairkernels.dfc_step(*args), torch_kernels.dfc_step(*args)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14, msg=name)
+
+
+STEP_OUTPUTS = ("loss", "l_cl", "l_fr", "q", "fairoids", "grad_z", "grad_centers")
+
+
+@needs_cpu
+@pytest.mark.parametrize("per_group", [False, True])
+def test_kernel_reads_float32_and_strided_inputs_and_writes_their_dtypes(per_group):
+    """The kernel converts its inputs itself (no Tensor::to): float32, transposed and sliced
+    inputs give the float64 result rounded to float32, in float32 (the centres' gradient in the
+    centres' dtype), and mixed float32 z with float64 centres works."""
+    z, centers, groups, target, previous = _inputs(8, 29, 4, 3, 3, per_group, absent=True)
+    args64 = (z.detach(), centers.detach(), groups, target, previous, 3, 1.0, 5.0, 1.5, 1e-6, False)
+    want = torch.ops.fairkernels.dfc_step(*args64)
+    z32 = z.detach().float().t().contiguous().t()                     # column-major: not contiguous
+    assert not z32.is_contiguous()
+    target32 = torch.cat([target, target], 1).float()[:, ::2]         # a strided slice
+    target32.copy_(target)
+    got = torch.ops.fairkernels.dfc_step(z32, centers.detach().float(), groups.int(), target32, previous.float(),
+                                         3, 1.0, 5.0, 1.5, 1e-6, False)
+    for name, a, b in zip(STEP_OUTPUTS, got, want):
+        assert a.dtype == torch.float32 and a.is_contiguous(), name
+        torch.testing.assert_close(a.double(), b, rtol=2e-4, atol=2e-5, msg=name)
+    mixed = torch.ops.fairkernels.dfc_step(z32, centers.detach(), groups, target, previous, 3, 1.0, 5.0, 1.5, 1e-6,
+                                           False)
+    assert mixed[0].dtype == torch.float32 and mixed[6].dtype == torch.float64
+    torch.testing.assert_close(mixed[6], want[6], rtol=1e-5, atol=1e-6)
 
 
 @needs_cpu

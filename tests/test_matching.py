@@ -113,13 +113,40 @@ def test_dec_batch_target_kernel_matches_tensor_ops(balance, running):
     q = torch.softmax(3.0 * torch.randn(300, 6, generator=generator, dtype=torch.float64), 1)
     groups = torch.randint(0, 2, (300,), generator=generator)
     previous = torch.softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0) if running else None
-    got = torch.ops.fairkernels.dec_batch_target(q, groups, previous, 0.9, balance, 2, 200, 1e-6)
-    want = torch_kernels.dec_batch_target(q, groups, previous, 0.9, balance, 2, 200, 1e-6)
+    got = torch.ops.fairkernels.dec_batch_target(q, groups, previous, None, 0.9, balance, 2, 200, 1e-6)
+    want = torch_kernels.dec_batch_target(q, groups, previous, None, 0.9, balance, 2, 200, 1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     if balance:
         shares = [got[0][groups == t].mean(0) for t in (0, 1)]
         torch.testing.assert_close(shares[0], shares[1], rtol=1e-4, atol=1e-5)
+    else:
+        assert not got[2].any()
+
+
+def test_dec_batch_target_warm_start_reaches_the_same_balanced_target():
+    """Started from the previous batch's offsets (what the DFC trainer passes), the balancing
+    reaches the same target to its tolerance as from zeros, the kernel agrees with its
+    specification from the same start, and a group absent from the batch keeps its start."""
+    from fairkernels import _backend
+    from fairkernels.ops import torch_kernels
+    if _backend.choose("auto", torch.device("cpu"), torch.float64, "dec_batch_target") != "cpu":
+        pytest.skip("the compiled extension is not available")
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.softmax(3.0 * torch.randn(256, 6, generator=generator, dtype=torch.float64), 1)
+               for _ in range(2)]
+    groups = torch.randint(0, 2, (256,), generator=generator)
+    ops = torch.ops.fairkernels
+    _, _, first = ops.dec_batch_target(batches[0], groups, None, None, 0.9, True, 3, 200, 1e-6)
+    cold = ops.dec_batch_target(batches[1], groups, None, None, 0.9, True, 3, 200, 1e-6)
+    warm = ops.dec_batch_target(batches[1], groups, None, first, 0.9, True, 3, 200, 1e-6)
+    torch.testing.assert_close(warm[0], cold[0], rtol=1e-5, atol=1e-6)
+    want = torch_kernels.dec_batch_target(batches[1], groups, None, first, 0.9, True, 3, 200, 1e-6)
+    for a, b in zip(warm, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert torch.equal(warm[2][2], first[2])          # group 2 has no rows here
+    with pytest.raises(RuntimeError, match="offsets must be"):
+        ops.dec_batch_target(batches[1], groups, None, first[:2], 0.9, True, 3, 200, 1e-6)
 
 
 def test_refresh_keeps_cluster_identity_per_group():

@@ -116,3 +116,85 @@ def test_factories_pick_fused_only_for_supported_tensors():
     half[0].grad = torch.ones(3, dtype=torch.float16)
     opt.step()
     assert torch.all(half[0] < 0)
+
+
+def _backward(params, step):
+    """Gradients by autograd (which accumulates into existing .grad tensors, as in training)."""
+    gen = torch.Generator().manual_seed(200 + step)
+    loss = sum((p * torch.randn(p.shape, generator=gen, dtype=p.dtype)).sum() + (p * p).sum() for p in params)
+    loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05, momentum=0.9),
+                                    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)])
+def test_flat_sgd_matches_torch_step(kwargs, dtype):
+    """The same update as torch's fused SGD to rounding: torch's kernel computes the vectorised
+    body and the scalar tail of each tensor differently (one fused multiply-add or two roundings),
+    and the tails fall at other elements of one flat tensor."""
+    want, got = _params(3, dtype), _params(3, dtype)
+    reference, lean = _reference("sgd", want, **kwargs), LeanSGD(got, fused=True, flat=True, **kwargs)
+    flat = lean._flat
+    assert flat is not None and all(p.data_ptr() == v.data_ptr() for p, v in zip(got, flat.param_views))
+    for step in range(6):
+        reference.zero_grad()
+        lean.zero_grad()
+        assert all(p.grad is not None and not p.grad.any() for p in got)       # zeroed views, not None
+        _backward(want, step)
+        _backward(got, step)
+        assert flat.holds([p.grad for p in got], flat.grad)                   # autograd wrote into the views
+        reference.step()
+        lean.step()
+        if step > 0:                                                          # the first step builds the state
+            assert lean._fast(lean.param_groups[0])[0][0] is flat.flat
+        tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, **tol)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(lean.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"], **tol)
+
+
+def test_flat_sgd_resumes_from_a_state_dict_and_survives_rebinding():
+    kwargs = dict(lr=0.05, momentum=0.9)
+    straight, resumed = _params(4), _params(4)
+    a = LeanSGD(straight, fused=True, flat=True, **kwargs)
+    for step in range(3):
+        a.zero_grad()
+        _backward(straight, step)
+        a.step()
+    saved_params = [p.detach().clone() for p in straight]
+    saved = copy.deepcopy(a.state_dict())
+    with torch.no_grad():
+        for p, value in zip(resumed, saved_params):
+            p.copy_(value)
+    b = LeanSGD(resumed, fused=True, flat=True, **kwargs)
+    b.load_state_dict(saved)              # new momentum tensors: moved into the flat buffer at the next step
+    for step in range(3, 7):
+        for opt, params in ((a, straight), (b, resumed)):
+            opt.zero_grad()
+            _backward(params, step)
+            opt.step()
+        for x, y in zip(straight, resumed):
+            assert torch.equal(x, y)
+    assert b._fast(b.param_groups[0])[0][0] is b._flat.flat
+    # Rebinding a parameter leaves the flat path (torch's fused step instead), with the same result.
+    replacement = resumed[0].detach().clone()
+    resumed[0].data = replacement
+    for opt, params in ((a, straight), (b, resumed)):
+        opt.zero_grad()
+        _backward(params, 9)
+        opt.step()
+    assert b._fast(b.param_groups[0])[0][0] is not b._flat.flat
+    for x, y in zip(straight, resumed):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_grad_without_set_to_none_zeroes_in_place():
+    params = _params(5)
+    opt = LeanAdam(params, lr=1e-2, fused=True)
+    _backward(params, 0)
+    grads = [p.grad for p in params]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)

@@ -38,11 +38,12 @@ struct ChunkPlan {
   int64_t end(int64_t chunk, int64_t rows) const { return std::min(rows, (chunk + 1) * rows_per_chunk); }
 };
 
-inline ChunkPlan plan_chunks(int64_t rows, int64_t partial_elems) {
+// min_rows_per_chunk: 2048 keeps the per-chunk buffer cost negligible for cheap rows; a kernel
+// whose rows cost microseconds each passes fewer, so that a training batch spreads over threads.
+inline ChunkPlan plan_chunks(int64_t rows, int64_t partial_elems, int64_t min_rows_per_chunk = 2048) {
   constexpr int64_t kMaxChunks = 64;           // enough parallel slack for 64 cores
-  constexpr int64_t kMinRowsPerChunk = 2048;   // keeps the per-chunk buffer cost negligible
   constexpr int64_t kMaxPartialElems = 1 << 22;  // caps the chunk buffers at 32 MB of doubles
-  const int64_t by_rows = (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk;
+  const int64_t by_rows = (rows + min_rows_per_chunk - 1) / min_rows_per_chunk;
   const int64_t by_memory = std::max<int64_t>(1, kMaxPartialElems / std::max<int64_t>(partial_elems, 1));
   int64_t chunks = std::max<int64_t>(1, std::min({kMaxChunks, by_rows, by_memory}));
   const int64_t rows_per_chunk = std::max<int64_t>(1, (rows + chunks - 1) / chunks);
@@ -81,6 +82,52 @@ inline scalar_t fast_exp(scalar_t x) {
 template <>
 inline float fast_exp<float>(float x) {
   return exp_float(x);
+}
+
+// The float64 values of a float32 or float64 tensor, row-major, read without an ATen dispatch:
+// the tensor's own memory when it is contiguous float64, else a converted copy. The small
+// per-batch kernels (dfc_step, dec_batch_target) called Tensor::to for every input and output;
+// at DFC's batch of 256 those conversions, each a dispatch and an allocation, cost more than
+// the arithmetic.
+class DoubleValues {
+ public:
+  explicit DoubleValues(const at::Tensor& t) {
+    const at::Tensor dense = t.is_contiguous() ? t : t.contiguous();
+    if (dense.scalar_type() == at::kDouble) {
+      keep_ = dense;
+      data_ = dense.data_ptr<double>();
+      return;
+    }
+    TORCH_CHECK(dense.scalar_type() == at::kFloat, "expected a float32 or float64 tensor, got ", dense.scalar_type());
+    const float* source = dense.data_ptr<float>();
+    copy_.assign(source, source + dense.numel());
+    data_ = copy_.data();
+  }
+  const double* data() const { return data_; }
+
+ private:
+  at::Tensor keep_;
+  std::vector<double> copy_;
+  const double* data_ = nullptr;
+};
+
+// A fresh contiguous tensor of the given sizes and dtype (float32 or float64) holding values.
+inline at::Tensor tensor_from_doubles(const double* values, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  const int64_t n = out.numel();
+  if (out.scalar_type() == at::kDouble) {
+    std::copy(values, values + n, out.data_ptr<double>());
+  } else {
+    float* dst = out.data_ptr<float>();
+    for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<float>(values[e]);
+  }
+  return out;
+}
+
+// int64 group ids, without a dispatch when they already are contiguous int64.
+inline at::Tensor long_groups(const at::Tensor& groups) {
+  if (groups.scalar_type() == at::kLong && groups.is_contiguous()) return groups;
+  return groups.to(at::kLong).contiguous();
 }
 
 inline void check_matrix(const at::Tensor& x, const char* name) {

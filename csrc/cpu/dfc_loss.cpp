@@ -1,5 +1,5 @@
 // fairkernels::dfc_loss, the DFC clustering loss of a batch with its autograd in C++:
-// (loss, l_cl, l_fr, q, fairoids) from dfc_step, where loss = l_cl + gamma * l_fr in z's dtype.
+// (loss, l_cl, l_fr, q, fairoids) of dfc_step, where loss = l_cl + gamma * l_fr in z's dtype.
 //
 // Why C++ autograd: dfc_step already returns both gradients, so the backward is two scalings.
 // As a Python torch.autograd.Function the forward and backward bookkeeping cost about as much
@@ -14,30 +14,15 @@
 namespace fairkernels::cpu {
 namespace {
 
-using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-StepOutputs call_step(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
-                      const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
-                      double alpha, double beta, double gamma, double ridge, bool weights_from_q) {
+DFCStepOutputs call_step(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
+                         const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
+                         double alpha, double beta, double gamma, double ridge, bool weights_from_q) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fairkernels::dfc_step", "")
-                       .typed<StepOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const std::optional<at::Tensor>&, int64_t, double, double, double, double,
-                                          bool)>();
+                       .typed<DFCStepOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double,
+                                             double, double, double, bool)>();
   return op.call(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
-}
-
-// loss, l_cl, l_fr in z's dtype from dfc_step's terms (acc dtype): terms[1] is 0 when gamma is 0.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scalar_terms(const at::Tensor& terms, const at::Tensor& z,
-                                                            double gamma) {
-  // copy=true: fresh outputs even when the dtypes agree (an operator must not return a view of
-  // another op's output as if it were its own; opcheck's schema test).
-  const auto dtype = z.scalar_type();
-  const at::Tensor l_cl = terms.select(0, 0).to(dtype, false, true);
-  const at::Tensor l_fr = terms.select(0, 1).to(dtype, false, true);
-  at::Tensor loss = gamma == 0.0 ? l_cl.clone() : terms.select(0, 0).add(terms.select(0, 1), gamma);
-  if (loss.scalar_type() != dtype) loss = loss.to(dtype);
-  return {loss, l_cl, l_fr};
 }
 
 class DFCLossFunction : public torch::autograd::Function<DFCLossFunction> {
@@ -48,9 +33,8 @@ class DFCLossFunction : public torch::autograd::Function<DFCLossFunction> {
                                                 int64_t num_groups, double alpha, double beta, double gamma,
                                                 double ridge, bool weights_from_q) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [terms, q, fairoids, grad_z, grad_centers] =
+    auto [loss, l_cl, l_fr, q, fairoids, grad_z, grad_centers] =
         call_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
-    auto [loss, l_cl, l_fr] = scalar_terms(terms, z, gamma);
     ctx->save_for_backward({grad_z, grad_centers});
     ctx->mark_non_differentiable({l_cl, l_fr, q, fairoids});
     return {loss, l_cl, l_fr, q, fairoids};
@@ -75,9 +59,8 @@ class DFCLossFunction : public torch::autograd::Function<DFCLossFunction> {
 DFCLossOutputs dfc_loss(const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups,
                         const at::Tensor& target, const std::optional<at::Tensor>& previous, int64_t num_groups,
                         double alpha, double beta, double gamma, double ridge, bool weights_from_q) {
-  auto [terms, q, fairoids, grad_z, grad_centers] =
+  auto [loss, l_cl, l_fr, q, fairoids, grad_z, grad_centers] =
       call_step(z, centers, groups, target, previous, num_groups, alpha, beta, gamma, ridge, weights_from_q);
-  auto [loss, l_cl, l_fr] = scalar_terms(terms, z, gamma);
   return {loss, l_cl, l_fr, q, fairoids};
 }
 

@@ -21,6 +21,7 @@ namespace {
 
 constexpr double kLogEps = 1e-12;     // reference.LOG_EPS
 constexpr double kPhiEps = 1e-12;     // reference.fairoid_target's eps
+constexpr int64_t kRowsPerChunk = 128;
 
 inline double log_clamped(double x) { return std::log(std::max(x, kLogEps)); }
 
@@ -58,7 +59,7 @@ void cholesky_solve(const std::vector<double>& l, int64_t n, std::vector<double>
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
+DFCStepOutputs dfc_step(
     const at::Tensor& z_in, const at::Tensor& centers_in, const at::Tensor& groups_in, const at::Tensor& target_in,
     const std::optional<at::Tensor>& previous_in, int64_t num_groups, double alpha, double beta, double gamma,
     double ridge, bool weights_from_q) {
@@ -82,21 +83,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
     TORCH_CHECK(previous_in->dim() == 2 && previous_in->size(0) == T && previous_in->size(1) == d,
                 "previous must be [", T, ", ", d, "]");
 
-  const at::Tensor z = z_in.to(at::kDouble).contiguous();
-  const at::Tensor centers = centers_in.to(at::kDouble).contiguous();
-  const at::Tensor target = target_in.to(at::kDouble).contiguous();
-  const at::Tensor groups = groups_in.to(at::kLong).contiguous();
-  const double* zp = z.data_ptr<double>();
-  const double* cp = centers.data_ptr<double>();
-  const double* pp = target.data_ptr<double>();
+  // Inputs read as float64 and outputs written in their dtypes without Tensor::to (DoubleValues).
+  const DoubleValues z(z_in), centers(centers_in), target(target_in);
+  const at::Tensor groups = long_groups(groups_in);
+  const double* zp = z.data();
+  const double* cp = centers.data();
+  const double* pp = target.data();
   const int64_t* gp = groups.data_ptr<int64_t>();
   const bool fair = gamma != 0.0;
   const double exponent = -(alpha + 1.0) / 2.0;
 
   // ---- pass 1 over the rows: distances, Q, the KL and the sums the fairness term needs.
-  std::vector<double> dist(B * K), row_mass(B);
-  at::Tensor q64 = at::empty({B, K}, z.options());
-  double* q = q64.data_ptr<double>();
+  std::vector<double> dist(B * K), row_mass(B), q_values(B * K);
+  double* q = q_values.data();
   const int64_t sets = per_group ? T : 1;
   const int64_t center_elems = sets * K * d;
   // Centers transposed to [set][d][K]: the distance loop then runs over K contiguous columns
@@ -110,7 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
   // entry instead of three transcendentals; the same value to rounding.
   const bool unit_alpha = alpha == 1.0;
   const int64_t stats = 2 + K * K + K * d + T + T * d;   // kl, sum W^2, W^T W, W^T Z, counts, group sums
-  const ChunkPlan plan = plan_chunks(B, stats + center_elems);
+  // 128 rows a chunk: a row costs about half a microsecond (K d distances, the K x K Gram
+  // update, logs), so DFC's batch of 256 is two chunks, worth waking a second thread for.
+  const ChunkPlan plan = plan_chunks(B, stats + center_elems, kRowsPerChunk);
   std::vector<double> partial(plan.num_chunks * stats, 0.0);
   std::vector<GroupErrors> errors(plan.num_chunks);
   parallel_chunks(plan, [&](int64_t chunk) {
@@ -195,20 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
   const double kl = total[0] / static_cast<double>(B);
 
   // ---- the fairness term (serial, O(K^3 + K T d)): forward and the small part of its backward.
-  at::Tensor fairoids64 = at::empty({T, d}, z.options());
-  std::vector<double> Y(K * d, 0.0), d_pi(T * d, 0.0), sym(K * K, 0.0), inv_counts(T, 0.0);
+  std::vector<double> Y(K * d, 0.0), d_pi(T * d, 0.0), sym(K * K, 0.0), inv_counts(T, 0.0), pi(T * d, 0.0);
   double fair_value = 0.0, trace_term = 0.0;
   {
     const double* counts = total.data() + 2 + K * K + K * d;
     const double* sums = counts + T;
-    std::vector<double> pi(T * d, 0.0);
     std::vector<bool> present(T);
-    const double* prev = nullptr;
-    at::Tensor previous;
-    if (previous_in.has_value()) {
-      previous = previous_in->to(at::kDouble).contiguous();
-      prev = previous.data_ptr<double>();
-    }
+    std::optional<DoubleValues> previous;
+    if (previous_in.has_value()) previous.emplace(*previous_in);
+    const double* prev = previous ? previous->data() : nullptr;
     for (int64_t t = 0; t < T; ++t) {
       present[t] = counts[t] > 0.0;
       inv_counts[t] = present[t] ? 1.0 / counts[t] : 0.0;
@@ -293,13 +289,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
         trace_term *= 2.0 * ridge / static_cast<double>(K);
       }
     }
-    std::copy(pi.begin(), pi.end(), fairoids64.data_ptr<double>());
   }
 
   // ---- pass 2 over the rows: dL/ds (KL, and the fairness term through W = Q), then the
   // Student-t backward to z and the centers.
-  at::Tensor grad_z64 = at::empty({B, d}, z.options());
-  double* gz = grad_z64.data_ptr<double>();
+  std::vector<double> grad_z(B * d);
+  double* gz = grad_z.data();
   std::vector<double> grad_c_partial(plan.num_chunks * center_elems, 0.0);
   const double inv_b = 1.0 / static_cast<double>(B);
   std::vector<double> Y_t(fair && weights_from_q ? d * K : 0);   // Y transposed, for the weights_from_q gradient
@@ -359,15 +354,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
       }
     }
   });
-  at::Tensor grad_c64 = at::empty(centers.sizes(), z.options());
-  reduce_chunks(grad_c_partial, plan.num_chunks, center_elems, grad_c64.data_ptr<double>());
+  std::vector<double> grad_c(center_elems);
+  reduce_chunks(grad_c_partial, plan.num_chunks, center_elems, grad_c.data());
 
-  const auto acc = z_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor terms = at::empty({2}, z.options());
-  terms.data_ptr<double>()[0] = kl;
-  terms.data_ptr<double>()[1] = fair ? fair_value : 0.0;
-  return {terms.to(acc), q64.to(z_in.scalar_type()), fairoids64.to(z_in.scalar_type()), grad_z64.to(z_in.scalar_type()),
-          grad_c64.to(centers_in.scalar_type())};
+  // loss = l_cl + gamma * l_fr is summed here in float64, then each is rounded to z's dtype.
+  const auto options = z_in.options();
+  const double fair_term = fair ? fair_value : 0.0;
+  const double loss = fair ? kl + gamma * fair_term : kl;
+  return {tensor_from_doubles(&loss, {}, options), tensor_from_doubles(&kl, {}, options),
+          tensor_from_doubles(&fair_term, {}, options), tensor_from_doubles(q, {B, K}, options),
+          tensor_from_doubles(pi.data(), {T, d}, options), tensor_from_doubles(gz, {B, d}, options),
+          tensor_from_doubles(grad_c.data(), centers_in.sizes(), centers_in.options())};
 }
 
 }  // namespace fairkernels::cpu

@@ -52,11 +52,13 @@ std::tuple<at::Tensor, at::Tensor> cosine_bwd(const at::Tensor& grad_c, const at
                                               const at::Tensor& centers, double tau);
 
 // SPEC 1.1 + 4 fused DFC clustering loss of a batch: Student-t Q of z to centers ([K, d] shared
-// or [T, K, d] per group, row i using its group's), terms[2] = (KL(P || Q), KL(Psi || Phi)) with
-// the eq. 12 ridge centroids fitted to P (or to Q when weights_from_q), q [B, K], the fairoids
-// [T, d] (absent groups keep previous), and the gradients of terms[0] + gamma * terms[1] w.r.t.
-// z and centers. gamma = 0 skips the fairness term (terms[1] = 0). float64 inside.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfc_step(
+// or [T, K, d] per group, row i using its group's), l_cl = KL(P || Q), l_fr = KL(Psi || Phi) with
+// the eq. 12 ridge centroids fitted to P (or to Q when weights_from_q), loss = l_cl + gamma * l_fr
+// (the three 0-d in z's dtype), q [B, K], the fairoids [T, d] (absent groups keep previous), and
+// the gradients of loss w.r.t. z and centers. gamma = 0 skips the fairness term (l_fr = 0).
+// float64 inside.
+using DFCStepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+DFCStepOutputs dfc_step(
     const at::Tensor& z, const at::Tensor& centers, const at::Tensor& groups, const at::Tensor& target,
     const std::optional<at::Tensor>& previous, int64_t num_groups, double alpha, double beta, double gamma,
     double ridge, bool weights_from_q);
@@ -80,11 +82,14 @@ at::Tensor group_offsets(const at::Tensor& logits, const at::Tensor& groups, int
 
 // The DFC trainer's per-batch DEC target (docs/math.md §4): f = momentum * running + (1 - momentum)
 // * (normalised column sums of q) (just the batch's when running is None), p_ik = q_ik^2 / f_k normalised over k,
-// and with balance the Sinkhorn balancing of group_offsets applied to log p. -> (p [B, K] in q's
-// dtype, f [K] acc).
-std::tuple<at::Tensor, at::Tensor> dec_batch_target(const at::Tensor& q, const at::Tensor& groups,
-                                                    const std::optional<at::Tensor>& running, double momentum,
-                                                    bool balance, int64_t num_groups, int64_t max_iter, double tol);
+// and with balance the Sinkhorn balancing of group_offsets applied to log p, its iterations started
+// from offsets (the previous batch's, [T, K] float64; zeros when None). -> (p [B, K] in q's
+// dtype, f [K] acc, the offsets reached [T, K] float64: zeros without balance, and a group with
+// no rows keeps its starting value).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
+    const at::Tensor& q, const at::Tensor& groups, const std::optional<at::Tensor>& running,
+    const std::optional<at::Tensor>& offsets, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
+    double tol);
 
 // Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
 std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);

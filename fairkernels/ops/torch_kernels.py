@@ -142,13 +142,14 @@ def kmeans_assign(x, centers):
 # --------------------------------------------------------------------------- DFC clustering loss (docs/math.md §4)
 def dfc_step(z, centers, groups, target, previous, num_groups: int, alpha: float, beta: float, gamma: float,
              ridge: float, weights_from_q: bool):
-    """-> (terms[2] acc = (KL(P||Q), KL(Psi||Phi)), q[B,K], fairoids[T,d], grad_z, grad_centers).
+    """-> (loss, l_cl = KL(P||Q), l_fr = KL(Psi||Phi) (0-d, z's dtype), q[B,K], fairoids[T,d], grad_z,
+    grad_centers), loss = l_cl + gamma * l_fr summed in float64.
 
     Q: Student-t of z to centers ([K, d], or [T, K, d] with row i using centers[g_i]); the
     fairness term is reference.batch_centroids (fitted to P, or Q when weights_from_q) ->
     fairoids -> fairness_matrix -> fairoid_target -> fairoid_loss; the gradients are those of
-    terms[0] + gamma * terms[1], by autograd through that composition, in float64. gamma = 0
-    skips the fairness term (terms[1] = 0)."""
+    loss, by autograd through that composition, in float64. gamma = 0 skips the fairness term
+    (l_fr = 0)."""
     from fairkernels import reference
     with torch.enable_grad():
         z64 = z.detach().double().requires_grad_(True)
@@ -166,19 +167,21 @@ def dfc_step(z, centers, groups, target, previous, num_groups: int, alpha: float
             centroids = reference.batch_centroids(q if weights_from_q else p, z64, ridge)
             phi = reference.fairness_matrix(centroids, pis, alpha, present)
             fair = reference.fairoid_loss(reference.fairoid_target(phi, beta, present=present), phi)
-        grad_z, grad_c = torch.autograd.grad(kl + gamma * fair, [z64, c64])
-    acc = _acc_dtype(z.dtype)
-    return (torch.stack([kl.detach(), fair.detach()]).to(acc), q.detach().to(z.dtype), group_centroids.to(z.dtype),
-            grad_z.to(z.dtype), grad_c.to(centers.dtype))
+        loss = kl + gamma * fair
+        grad_z, grad_c = torch.autograd.grad(loss, [z64, c64])
+    return (loss.detach().to(z.dtype), kl.detach().to(z.dtype), fair.detach().to(z.dtype), q.detach().to(z.dtype),
+            group_centroids.to(z.dtype), grad_z.to(z.dtype), grad_c.to(centers.dtype))
 
 
 # --------------------------------------------------------------------------- balancing offsets (docs/math.md §8)
-def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: float = 1e-6, process_group=None):
+def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: float = 1e-6, process_group=None,
+                  init=None):
     """-> b[T,K] (logits' dtype): the Sinkhorn fixed point b_t <- b_t + log p - log q_t that gives
     every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i) p;
     groups with no rows get 0. Stops when a 10th iteration moves no offset by more than tol
     (the test reads the device, so not every iteration). process_group: sums all-reduced
-    across it (the trainers under DDP; not part of the kernel interface)."""
+    across it (the trainers under DDP; not part of the kernel interface). init: offsets [T, K] to
+    start from (zeros when None; a group with no rows keeps its start)."""
     from fairkernels.distributed import all_reduce_
     T, K = num_groups, logits.shape[1]
     groups = groups.long()
@@ -186,7 +189,7 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
     counts = all_reduce_(torch.bincount(groups, minlength=T).double(), process_group)
     total = all_reduce_(torch.softmax(L, 1).sum(0), process_group)
     log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
-    b = torch.zeros(T, K, dtype=torch.float64, device=L.device)
+    b = torch.zeros(T, K, dtype=torch.float64, device=L.device) if init is None else init.double().clone()
     present = torch.nonzero(counts > 0).squeeze(1)      # one host sync here, none per iteration
     for iteration in range(max_iter):
         soft = torch.softmax(L + b[groups], 1)
@@ -201,12 +204,13 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
     return b.to(logits.dtype)
 
 
-def dec_batch_target(q, groups, running, momentum: float, balance: bool, num_groups: int, max_iter: int = 200,
-                     tol: float = 1e-6):
-    """-> (target[B,K] q's dtype, frequency[K] acc): the DFC trainer's per-batch DEC target
+def dec_batch_target(q, groups, running, offsets, momentum: float, balance: bool, num_groups: int,
+                     max_iter: int = 200, tol: float = 1e-6):
+    """-> (target[B,K] q's dtype, frequency[K] acc, offsets[T,K] float64): the DFC trainer's per-batch DEC target
     (docs/math.md §4). f = momentum * running + (1 - momentum) * (column sums of q / their
     total), or the batch's alone when running is None; p_ik = (q_ik^2 / f_k) normalised over k;
-    with balance, p <- softmax(log p + c_{g_i}) with c = group_offsets(log p)."""
+    with balance, p <- softmax(log p + c_{g_i}) with c = group_offsets(log p) iterated from offsets
+    (the previous batch's; zeros when None), and returned (zeros without balance)."""
     qa = q.double()
     columns = qa.sum(0)
     frequency = columns / columns.sum().clamp_min(1e-12)
@@ -214,7 +218,9 @@ def dec_batch_target(q, groups, running, momentum: float, balance: bool, num_gro
         frequency = momentum * running.double() + (1.0 - momentum) * frequency
     weight = qa * qa / frequency.clamp_min(1e-12)
     target = weight / weight.sum(1, keepdim=True).clamp_min(1e-12)
+    reached = torch.zeros(num_groups, q.shape[1], dtype=torch.float64, device=q.device)
     if balance:
         log_p = torch.log(target.clamp_min(1e-12))
-        target = torch.softmax(log_p + group_offsets(log_p, groups, num_groups, max_iter, tol)[groups.long()], dim=1)
-    return target.to(q.dtype), frequency.to(_acc_dtype(q.dtype))
+        reached = group_offsets(log_p, groups, num_groups, max_iter, tol, init=offsets)
+        target = torch.softmax(log_p + reached[groups.long()], dim=1)
+    return target.to(q.dtype), frequency.to(_acc_dtype(q.dtype)), reached

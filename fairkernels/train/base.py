@@ -467,13 +467,11 @@ class Trainer(abc.ABC):
         stream.set_epoch(epoch)
         collected, names = [], None
         progress = self.config.progress and self.parallel.is_rank_zero
-        trained = [p for group in optimizer.param_groups for p in group["params"]]
         for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not progress,
                                 file=sys.stderr):
             self._ddp_forward_ran = False
             loss, terms = self.batch_losses(phase, index, x, g)
-            for p in trained:          # optimizer.zero_grad(set_to_none=True) without its profiler hooks
-                p.grad = None
+            optimizer.zero_grad()      # LeanSGD / LeanAdam: without torch's profiler range (optim.py)
             loss.backward()
             self._sync_gradients(optimizer)
             optimizer.step()

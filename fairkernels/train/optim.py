@@ -31,10 +31,10 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return LeanAdam(params, lr=lr, fused=fusable(params))
 
 
-def sgd(params, lr: float, momentum: float) -> torch.optim.SGD:
-    """SGD with momentum, fused where torch has it for these tensors."""
+def sgd(params, lr: float, momentum: float, flat: bool = False) -> torch.optim.SGD:
+    """SGD with momentum, fused where torch has it for these tensors. flat: see LeanSGD."""
     params = list(params)
-    return LeanSGD(params, lr=lr, momentum=momentum, fused=fusable(params))
+    return LeanSGD(params, lr=lr, momentum=momentum, fused=fusable(params), flat=flat)
 
 
 def _torch_step(cls):
@@ -89,9 +89,94 @@ class _DirectStep:
     # Not wrapped by Optimizer.__init__'s profiler patch (it skips a step marked hooked).
     step.hooked = True
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad without its profiler range (about as long as a narrow model's
+        elementwise work)."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none=False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        return None
+
+
+class _FlatBuffers:
+    """One flat buffer each for a list of parameters, their gradients and their momentum buffers,
+    every tensor of the list a view of its slice: one fused call then updates all of them.
+
+    Why: on a narrow model the fused SGD over 9 separate tensors took 0.20-0.24 ms a step in the
+    training loop, against 0.11-0.12 ms over one flat tensor (2-core CPU, DFC width 0.25); the
+    elementwise update is the same, so the result is bitwise the same."""
+
+    def __init__(self, params):
+        first = params[0]
+        sizes = [p.numel() for p in params]
+        self.params = params
+        self.flat = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.flat)
+        self.momentum = None
+        self.param_views = list(self.flat.split(sizes))
+        self.grad_views = [view.view_as(p) for view, p in zip(self.grad.split(sizes), params)]
+        self.sizes = sizes
+        with torch.no_grad():
+            for p, view in zip(params, self.param_views):
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+                p.grad = None
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = view
+
+    def holds(self, tensors, base) -> bool:
+        """Whether tensors are still base's slices, in order (nothing rebound them)."""
+        start = base.data_ptr()
+        step = base.element_size()
+        offset = 0
+        for tensor, size in zip(tensors, self.sizes):
+            if tensor is None or tensor.data_ptr() != start + offset * step:
+                return False
+            offset += size
+        return True
+
+    def momentum_of(self, state):
+        """The flat momentum buffer, after moving the per-parameter buffers torch's first step
+        (or a loaded state_dict) made into it; None while any is missing."""
+        buffers = [state[p].get("momentum_buffer") for p in self.params]
+        if any(b is None for b in buffers):
+            return None
+        if self.momentum is None or not self.holds(buffers, self.momentum):
+            self.momentum = torch.cat([b.detach().reshape(-1) for b in buffers])
+            for p, view in zip(self.params, self.momentum.split(self.sizes)):
+                state[p]["momentum_buffer"] = view.view_as(p)
+        return self.momentum
+
 
 class LeanSGD(_DirectStep, torch.optim.SGD):
+    """flat=True (one parameter group, one dtype and device, not under DDP): the parameters, their
+    gradients and momentum buffers become views of three flat buffers (_FlatBuffers; p.data is
+    rebound once, here), and zero_grad() zeroes the flat gradient instead of setting None, so
+    autograd accumulates into it. A parameter that got no gradient in a step then still takes
+    the momentum part of its update, so use it where every parameter gets one every step (the
+    DFC clustering phase). Anything that rebinds them only costs the flat path: torch's fused
+    step runs instead."""
     _torch_base = torch.optim.SGD
+
+    def __init__(self, params, *args, flat: bool = False, **kwargs):
+        params = list(params)
+        super().__init__(params, *args, **kwargs)
+        self._flat = None
+        if flat and len(self.param_groups) == 1 and fusable(params) and \
+                len({(p.dtype, p.device) for p in params}) == 1:
+            self._flat = _FlatBuffers(self.param_groups[0]["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._flat is None:
+            return super().zero_grad(set_to_none)
+        self._flat.grad.zero_()
+        if not self._flat.holds([p.grad for p in self._flat.params], self._flat.grad):
+            self._flat.attach_grads()
 
     def _fused_step(self, group, params, grads, buffers):
         torch._fused_sgd_(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
@@ -102,6 +187,12 @@ class LeanSGD(_DirectStep, torch.optim.SGD):
         if not group.get("fused") or group.get("differentiable") or isinstance(group["lr"], torch.Tensor) or \
                 group["momentum"] == 0:
             return None
+        flat = self._flat
+        if flat is not None and flat.holds(group["params"], flat.flat) and \
+                flat.holds([p.grad for p in group["params"]], flat.grad):
+            momentum = flat.momentum_of(self.state)
+            if momentum is not None:
+                return [flat.flat], [flat.grad], [momentum]
         return _dense_grads(group, self.state, "momentum_buffer")
 
 
