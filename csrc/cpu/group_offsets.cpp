@@ -23,19 +23,22 @@ constexpr double kLogFloor = -80.0;   // the Python loop's clamp_min(-80)
 constexpr double kLogEps = 1e-12;     // reference.LOG_EPS
 
 // The offsets b [T, K] (row-major) of the B x K logits L with group ids g, iterated from the
-// values b holds (warm) or from zeros. E: exp(L) up to a positive factor per row, when the
-// caller has it without exponentials (L may then be null); else computed here from L.
+// values b holds (warm) or from zeros. weights: exp(L) up to a positive factor per row, when
+// the caller has it without exponentials (L may then be null); else computed here from L.
 void balance_offsets(const double* L, const int64_t* g, int64_t B, int64_t K, int64_t T, int64_t max_iter,
-                     double tol, double* b, bool warm = false, std::vector<double> E = {}) {
-  if (E.empty()) {
-    E.resize(B * K);
+                     double tol, double* b, bool warm = false, const double* weights = nullptr) {
+  std::vector<double> computed;
+  if (weights == nullptr) {
+    computed.resize(B * K);
     for (int64_t i = 0; i < B; ++i) {
       const double* row = L + i * K;
       double row_max = -std::numeric_limits<double>::infinity();
       for (int64_t k = 0; k < K; ++k) row_max = std::max(row_max, row[k]);
-      for (int64_t k = 0; k < K; ++k) E[i * K + k] = std::exp(row[k] - row_max);
+      for (int64_t k = 0; k < K; ++k) computed[i * K + k] = std::exp(row[k] - row_max);
     }
+    weights = computed.data();
   }
+  const double* E = weights;
   std::vector<double> counts(T, 0.0), total(K, 0.0);
   for (int64_t i = 0; i < B; ++i) {
     double sum = 0.0;
@@ -58,7 +61,7 @@ void balance_offsets(const double* L, const int64_t* g, int64_t B, int64_t K, in
     }
     std::fill(sums.begin(), sums.end(), 0.0);
     for (int64_t i = 0; i < B; ++i) {
-      const double* e = E.data() + i * K;
+      const double* e = E + i * K;
       const double* wg = w.data() + g[i] * K;
       double* s = sums.data() + g[i] * K;
       double den = 0.0;
@@ -168,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
     // Every row's weights lie in [eps, 1], so no row sum underflows.
     std::vector<double> weights(B * K);
     for (int64_t e = 0; e < B * K; ++e) weights[e] = std::max(p[e], kLogEps);
-    balance_offsets(nullptr, g, B, K, T, max_iter, tol, c.data(), offsets_in.has_value(), weights);
+    balance_offsets(nullptr, g, B, K, T, max_iter, tol, c.data(), offsets_in.has_value(), weights.data());
     std::vector<double> scale(T * K);   // exp(c_t - max_k c_t): softmax(log p + c) = p * scale / sum
     for (int64_t t = 0; t < T; ++t) {
       double c_max = -std::numeric_limits<double>::infinity();

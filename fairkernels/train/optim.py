@@ -122,7 +122,6 @@ class _FlatBuffers:
             for p, view in zip(params, self.param_views):
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
-                p.grad = None
         self.attach_grads()
 
     def attach_grads(self) -> None:
