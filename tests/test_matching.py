@@ -83,8 +83,8 @@ def test_group_offsets_equalise_every_groups_cluster_shares():
 
 @pytest.mark.parametrize("seed, B, K, T, scale", [(0, 256, 10, 2, 3.0), (1, 900, 7, 3, 10.0), (2, 40, 4, 4, 30.0)])
 def test_group_offsets_kernel_matches_tensor_ops(seed, B, K, T, scale):
-    """The C++ Sinkhorn (one process on CPU) against the tensor-op loop that DDP and GPUs run:
-    same iterations and stopping rule, so the same offsets to float64 rounding, also with
+    """The C++ balancing (one process on CPU) against the tensor-op loop that DDP and GPUs run:
+    same Newton and Sinkhorn steps and stopping rule, so the same offsets to float64 rounding, also with
     sharp logits (scale 30, where the factorised softmax underflows) and an absent group."""
     from fairkernels import _backend
     from fairkernels.ops import torch_kernels
@@ -99,6 +99,75 @@ def test_group_offsets_kernel_matches_tensor_ops(seed, B, K, T, scale):
     assert torch.all(got[T - 1] == 0)
     with pytest.raises(ValueError, match="groups"):
         matched.group_offsets(logits, groups + T, T)
+
+
+def _largest_share_gap(logits, groups, offsets, T):
+    """max over present groups and clusters of |log q_t - log p| (the balancing's residual)."""
+    p = torch.softmax(logits, 1).mean(0)
+    return max(float((torch.softmax(logits[groups == t] + offsets[t], 1).mean(0).log() - p.log()).abs().max())
+               for t in range(T) if bool((groups == t).any()))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("seed", range(3))
+def test_group_offsets_converge_in_few_passes_where_sinkhorn_stalls(backend, seed):
+    """Peaked logits whose groups lean to different clusters: the Sinkhorn step alone was still
+    1e-4..1e-2 away after 200 iterations on such batches; the Newton steps reach the 1e-6
+    tolerance within 20 passes over the rows (4 on milder logits), from zeros, and within 8 from a
+    nearby start."""
+    from fairkernels import _backend
+    from fairkernels.ops import torch_kernels
+    if backend == "cpu" and _backend.choose("auto", torch.device("cpu"), torch.float64, "group_offsets") != "cpu":
+        pytest.skip("the compiled extension is not available")
+    solve = (lambda L, g, T, it, init=None: torch.ops.fairkernels.group_offsets(L, g, T, it, 1e-6)) \
+        if backend == "cpu" else (lambda L, g, T, it, init=None: torch_kernels.group_offsets(L, g, T, it, 1e-6, init=init))
+    generator = torch.Generator().manual_seed(seed)
+    B, K, T = 300, 6, 3
+    groups = torch.randint(0, T, (B,), generator=generator)
+    logits = 8.0 * (torch.randn(B, K, generator=generator, dtype=torch.float64) +
+                    torch.randn(T, K, generator=generator, dtype=torch.float64)[groups])
+    offsets = solve(logits, groups, T, 20)
+    assert _largest_share_gap(logits, groups, offsets, T) <= 2e-6
+    if backend == "torch":
+        nearby = offsets + 0.05 * torch.randn(T, K, generator=generator, dtype=torch.float64)
+        assert _largest_share_gap(logits, groups, solve(logits, groups, T, 8, init=nearby), T) <= 2e-6
+
+
+@pytest.mark.parametrize("case", ["empty cluster", "one row", "one cluster", "identical rows", "underflow"])
+def test_group_offsets_degenerate_batches(case):
+    """Batches where the Newton system is singular or the shares underflow: finite offsets that
+    balance the groups, the C++ kernel and the tensor ops agreeing (where the shares are smooth
+    enough to have one answer to rounding)."""
+    from fairkernels import _backend
+    from fairkernels.ops import torch_kernels
+    generator = torch.Generator().manual_seed(5)
+    B, K, T = 120, 5, 2
+    logits = 2.0 * torch.randn(B, K, generator=generator, dtype=torch.float64)
+    groups = torch.randint(0, T, (B,), generator=generator)
+    if case == "empty cluster":
+        logits[:, 3] = -60.0                  # no row leans to cluster 3: p_3 ~ 1e-26
+    elif case == "one row":
+        groups = torch.zeros(B, dtype=torch.int64)
+        groups[7] = 1
+    elif case == "one cluster":
+        logits = logits[:, :1]
+    elif case == "identical rows":
+        logits = logits[:1].expand(B, K).clone()
+    elif case == "underflow":
+        logits = 400.0 * logits
+    want = torch_kernels.group_offsets(logits, groups, T)
+    assert torch.isfinite(want).all()
+    if case != "underflow":          # exp(-x) of 400-scaled logits underflows the gap's own check
+        assert _largest_share_gap(logits, groups, want, T) <= 1e-5
+    if _backend.choose("auto", torch.device("cpu"), torch.float64, "group_offsets") == "cpu":
+        got = torch.ops.fairkernels.group_offsets(logits, groups, T, 200, 1e-6)
+        assert torch.isfinite(got).all()
+        if case == "underflow":   # rows are one-hot to rounding: shares jump, the two paths part at rounding
+            rows = torch.softmax(logits + got[groups], 1)
+            assert torch.isfinite(rows).all() and torch.allclose(rows.sum(1), torch.ones(B, dtype=rows.dtype))
+            return
+        torch.testing.assert_close(torch.softmax(logits + got[groups], 1), torch.softmax(logits + want[groups], 1),
+                                   rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("balance, running", [(False, False), (True, False), (True, True)])

@@ -74,15 +74,16 @@ DFCLossOutputs dfc_loss_autograd(const at::Tensor& z, const at::Tensor& centers,
                                  int64_t num_groups, double alpha, double beta, double gamma, double ridge,
                                  bool weights_from_q);
 
-// docs/math.md §8 balancing offsets b [T, K] (logits' dtype): the Sinkhorn fixed point that gives
-// every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i), at most
-// max_iter iterations, stopping when a 10th iteration moves no offset by more than tol.
+// docs/math.md §8 balancing offsets b [T, K] (logits' dtype): the root of log q_t(b_t) = log p that
+// gives every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i), by
+// safeguarded Newton steps (a Sinkhorn step where one does not help), at most max_iter passes
+// over the rows, a group stopping once its largest |log q_t - log p| is <= tol.
 at::Tensor group_offsets(const at::Tensor& logits, const at::Tensor& groups, int64_t num_groups, int64_t max_iter,
                          double tol);
 
 // The DFC trainer's per-batch DEC target (docs/math.md §4): f = momentum * running + (1 - momentum)
 // * (normalised column sums of q) (just the batch's when running is None), p_ik = q_ik^2 / f_k normalised over k,
-// and with balance the Sinkhorn balancing of group_offsets applied to log p, its iterations started
+// and with balance the balancing of group_offsets applied to log p, its iterations started
 // from offsets (the previous batch's, [T, K] float64; zeros when None). -> (p [B, K] in q's
 // dtype, f [K] acc, the offsets reached [T, K] float64: zeros without balance, and a group with
 // no rows keeps its starting value).

@@ -174,14 +174,44 @@ def dfc_step(z, centers, groups, target, previous, num_groups: int, alpha: float
 
 
 # --------------------------------------------------------------------------- balancing offsets (docs/math.md §8)
+MAX_NEWTON_STEP = 50.0     # no offset moves further in one Newton step (its merit test follows)
+
+
+def _newton_steps(sums, outer, residual, counts):
+    """-> (d [T, K], usable [T]): each group's Newton step on log q_t(b_t) = log p (see
+    group_offsets). H = (diag(sums) - outer) / n is the Hessian of the dual, singular along 1; in
+    y = sqrt(q) d the system H~ y = -sqrt(q) r has H~ = D H D with null vector u = sqrt(q) and
+    entries in [-1, 1], so the part of the right-hand side along u (an unreachable shift) is
+    dropped and H~ + u u^T / |u|^2 factorised. A pivot <= 1e-14 or a non-finite step is not usable."""
+    T, K = sums.shape
+    n = counts.clamp_min(1.0)
+    root = torch.sqrt((sums / n[:, None]).clamp_min(1e-200))
+    u_norm = root.square().sum(1, keepdim=True).sqrt()
+    rhs = root * residual
+    along = (rhs * root).sum(1, keepdim=True) / u_norm
+    rhs = -(rhs - along * root / u_norm)
+    eye = torch.eye(K, dtype=sums.dtype, device=sums.device)
+    hessian = (torch.diag_embed(sums) - outer) / n[:, None, None]
+    scale = root[:, :, None] * root[:, None, :]
+    system = hessian / scale + scale / u_norm[:, :, None].square() + 1e-12 * eye
+    factor, info = torch.linalg.cholesky_ex(system)
+    pivots = torch.diagonal(factor, dim1=1, dim2=2).square()
+    y = torch.cholesky_solve(rhs[:, :, None], factor).squeeze(2)
+    d = y / root
+    usable = (info == 0) & (pivots > 1e-14).all(1) & torch.isfinite(d).all(1)
+    return d.clamp(-MAX_NEWTON_STEP, MAX_NEWTON_STEP), usable
+
+
 def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: float = 1e-6, process_group=None,
                   init=None):
-    """-> b[T,K] (logits' dtype): the Sinkhorn fixed point b_t <- b_t + log p - log q_t that gives
-    every group's mean softmax(logits_i + b_{g_i}) the whole set's mean softmax(logits_i) p;
-    groups with no rows get 0. Stops when a 10th iteration moves no offset by more than tol
-    (the test reads the device, so not every iteration). process_group: sums all-reduced
-    across it (the trainers under DDP; not part of the kernel interface). init: offsets [T, K] to
-    start from (zeros when None; a group with no rows keeps its start)."""
+    """-> b[T,K] (logits' dtype): offsets that give every group's mean softmax(logits_i + b_{g_i})
+    the whole set's mean softmax(logits_i) p, i.e. the root of log q_t(b_t) = log p (the fixed
+    point of the Sinkhorn step b_t <- b_t + log p - log q_t); groups with no rows get 0 (their
+    start). Each group takes Newton steps (_newton_steps) with a backtracking line search on
+    |log q_t - log p|^2: a step that does not lower it is halved, down to an eighth, then
+    replaced by the Sinkhorn step from where it started. A group stops moving once
+    max_k |log q_tk - log p_k| <= tol; max_iter counts passes over the rows. process_group: sums all-reduced across it (the trainers under DDP; not
+    part of the kernel interface). init: offsets [T, K] to start from (zeros when None)."""
     from fairkernels.distributed import all_reduce_
     T, K = num_groups, logits.shape[1]
     groups = groups.long()
@@ -190,17 +220,41 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
     total = all_reduce_(torch.softmax(L, 1).sum(0), process_group)
     log_p = torch.log(total / counts.sum().clamp_min(1)).clamp_min(-80.0)
     b = torch.zeros(T, K, dtype=torch.float64, device=L.device) if init is None else init.double().clone()
-    present = torch.nonzero(counts > 0).squeeze(1)      # one host sync here, none per iteration
-    for iteration in range(max_iter):
+    member = F.one_hot(groups, T).double()
+    done = counts <= 0
+    after_newton = torch.zeros(T, dtype=torch.bool, device=L.device)
+    start, start_residual, start_step = b.clone(), torch.zeros_like(b), torch.zeros_like(b)
+    scale = torch.ones(T, dtype=torch.float64, device=L.device)
+    start_merit = torch.full((T,), float("inf"), dtype=torch.float64, device=L.device)
+    for _ in range(max_iter):
         soft = torch.softmax(L + b[groups], 1)
         sums = all_reduce_(torch.zeros(T, K, dtype=torch.float64, device=L.device).index_add_(0, groups, soft),
                            process_group)
-        step = log_p - torch.log(sums[present] / counts[present, None]).clamp_min(-80.0)
-        b[present] += step
-        # The convergence test reads the device, so only every 10th iteration: the DFC trainer
-        # balances every batch's target with this on large sets.
-        if iteration % 10 == 9 and float(step.abs().max()) <= tol:
+        outer = all_reduce_(torch.einsum("it,ik,il->tkl", member, soft, soft), process_group)
+        residual = torch.log(sums / counts[:, None].clamp_min(1.0)).clamp_min(-80.0) - log_p
+        finite = torch.isfinite(residual).all(1)
+        merit = torch.where(finite, residual.square().sum(1), float("inf"))
+        largest = torch.where(finite, residual.abs().amax(1), float("inf"))
+        # A step that did not lower |r|^2 is halved from its start, down to an eighth, then
+        # replaced by the Sinkhorn step from there.
+        worse = ~done & after_newton & ~(merit < start_merit)
+        scale = torch.where(worse, 0.5 * scale, scale)
+        retry = worse & (scale >= 0.125)
+        b = torch.where(retry[:, None], start + scale[:, None] * start_step, b)
+        b = torch.where((worse & ~retry)[:, None], start - start_residual, b)
+        after_newton = torch.where(worse, retry, after_newton)
+        done = done | (~worse & (largest <= tol))
+        active = ~done & ~worse
+        if not bool((active | worse).any()):             # one host read a pass (3-6 passes)
             break
+        start_merit = torch.where(active, merit, start_merit)
+        start = torch.where(active[:, None], b, start)
+        start_residual = torch.where(active[:, None], residual, start_residual)
+        scale = torch.where(active, 1.0, scale)
+        d, usable = _newton_steps(sums, outer, torch.where(active[:, None], residual, 0.0), counts)
+        start_step = torch.where((active & usable)[:, None], d, start_step)
+        b = torch.where(active[:, None], b + torch.where(usable[:, None], d, -residual), b)
+        after_newton = torch.where(active, usable, after_newton)
     return b.to(logits.dtype)
 
 
