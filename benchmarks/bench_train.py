@@ -28,6 +28,12 @@ Breakdown columns (seconds of the timed epoch):
   encode     whole-set encoding under no_grad;  kmeans  the centre refresh;  metrics
   overhead   train - (model + loss + optimizer): data loading and Python around the step
   outside_model  (epoch - model) / epoch: the share of the epoch that is not the model's work
+  model_in_loop  the model's forward + backward as timed inside that epoch's training loop
+             (forward hooks on the module the step calls; the step's backward less the loss
+             node's own backward, timed alone); free of the drift between two timings, and
+             counting the model's own ops at the speed they run there (after the loss and
+             optimiser ops, not repeated on one warm batch)
+  outside_in_loop  (epoch - model_in_loop) / epoch
 An epoch longer than --max-epoch-seconds (estimated from timed batches) is not run; its row says
 "estimated" and extrapolates the measured per-batch cost.
 """
@@ -57,7 +63,7 @@ from fairkernels.train.matched_centers import matched_logits  # noqa: E402
 PAIRED_MODEL_BATCHES = 200   # batches of each model timing paired with a timed epoch
 COLUMNS = ["date", "commit", "device", "threads", "method", "n", "width", "batch_size", "params", "status",
            "epoch_s", "points_per_s", "train", "model", "loss", "optimizer", "overhead", "encode", "kmeans",
-           "metrics", "outside_model"]
+           "metrics", "outside_model", "model_in_loop", "outside_in_loop"]
 
 
 def _sync(device):
@@ -85,8 +91,9 @@ def trainer_for(method: str, width: float, batch_size: int, device: str, epochs:
     return make_trainer("dfc", centers=centers, pretrain_epochs=0, finetune_epochs=0, **common)
 
 
-def _loss_step(trainer, h, g, batches: int):
-    """The method's fused loss, forward + backward, on fixed embeddings h (no model work)."""
+def _loss_step(trainer, h, g, batches: int, backward: bool = True):
+    """The method's fused loss, forward + backward (or forward only), on fixed embeddings h
+    (no model work)."""
     cfg = trainer.config
     if isinstance(cfg, FCMIConfig):
         centers = trainer.state["centers"]
@@ -100,7 +107,9 @@ def _loss_step(trainer, h, g, batches: int):
                 else:
                     l_clu, l_fair = fk.fcmi_terms_from_embeddings(h, centers, g, trainer.num_groups, cfg.tau,
                                                                   backend=cfg.backend, check_inputs=False)
-                (trainer.alpha * l_clu + cfg.beta * l_fair).backward()
+                loss = trainer.alpha * l_clu + cfg.beta * l_fair
+                if backward:
+                    loss.backward()
         return step
     target = trainer.state["target"][:h.shape[0]]
 
@@ -111,7 +120,8 @@ def _loss_step(trainer, h, g, batches: int):
                                                cfg.beta, target, trainer.state.get("fairoids"),
                                                centroids_from=cfg.centroids_from, backend=cfg.backend,
                                                check_inputs=False)[0]
-            loss.backward()
+            if backward:
+                loss.backward()
     return step
 
 
@@ -159,16 +169,22 @@ def isolated_parts(trainer, X, groups, batch_size: int, batches: int, repeats: i
         for _ in range(batches):
             optimizer.step()
 
+    loss_forward = _loss_step(trainer, h.detach().requires_grad_(True), g, batches, backward=False)
     time_model()                         # one untimed run of each part
     loss_step()
+    loss_forward()
     optimizer_step()
-    timings = {"model": [], "loss": [], "optimizer": []}
+    timings = {"model": [], "loss": [], "loss_forward": [], "optimizer": []}
     for _ in range(repeats):
         timings["model"].append(time_model())
         timings["loss"].append(_timed(loss_step, device))
+        timings["loss_forward"].append(_timed(loss_forward, device))
         timings["optimizer"].append(_timed(optimizer_step, device))
     model.zero_grad(set_to_none=True)
-    return {name: statistics.median(values) for name, values in timings.items()}
+    parts = {name: statistics.median(values) for name, values in timings.items()}
+    parts["loss_backward"] = max(0.0, parts.pop("loss") - parts["loss_forward"])
+    parts["loss"] = parts.pop("loss_forward") + parts["loss_backward"]
+    return parts
 
 
 def bench(method: str, n: int, width: float, batch_size: int, device: str, max_epoch_seconds: float,
@@ -181,7 +197,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
                                                                           groups[:max(batch_size * 4, 2000)])
     probe_batches = min(batches, 20)
     parts = isolated_parts(probe, X, groups, batch_size, probe_batches, repeats)
-    per_batch = sum(parts.values()) / probe_batches
+    per_batch = (parts["model"] + parts["loss"] + parts["optimizer"]) / probe_batches
     params = sum(p.numel() for p in probe.model.parameters())
     row = {"method": method, "n": n, "width": width, "batch_size": batch_size, "params": params}
     scale = batches / probe_batches
@@ -205,11 +221,42 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # this VM moved the narrow rows' share outside the model by 10-20 points.
     paired_batches = min(batches, PAIRED_MODEL_BATCHES)
 
+    # The model's forward as the training loop runs it (grad enabled: not the no-grad
+    # whole-set encodings), timed by hooks on the module the step calls; its backward is in
+    # the trainer's "backward" timing, less the loss node's own backward (timed alone).
+    forward_seconds, forward_marks, hooks_on = [0.0], [], [True]
+    before_training = trainer.before_training
+
+    def hook_model_forward(*args):
+        # FCMI's step calls the whole autoencoder; DFC's clustering step model.encode, its
+        # encoder layers in turn (from the first one's start to the last one's end).
+        model = trainer.model
+        first, last = (model, model) if isinstance(trainer.config, FCMIConfig) else \
+            (model.encoder_layers[0], model.encoder_layers[-1])
+        started = []
+
+        def pre_hook(*_):
+            if torch.is_grad_enabled() and hooks_on[0]:     # not the model timings below
+                _sync(trainer.device)
+                started.append(time.perf_counter())
+
+        def post_hook(*_):
+            if started:
+                _sync(trainer.device)
+                forward_seconds[0] += time.perf_counter() - started.pop()
+        first.register_forward_pre_hook(pre_hook)
+        last.register_forward_hook(post_hook)
+        return before_training(*args)
+    trainer.before_training = hook_model_forward
+
     def end_epoch_then_time_model(*args):
+        forward_marks.append(forward_seconds[0])
         result = end_epoch(*args)
         started = time.perf_counter()
+        hooks_on[0] = False
         time_model = model_timer(trainer, X, groups, batch_size, paired_batches)
         paired.append(statistics.median(time_model() for _ in range(repeats)) * batches / paired_batches)
+        hooks_on[0] = True
         measuring.append(time.perf_counter() - started)
         return result
     trainer.end_epoch = end_epoch_then_time_model
@@ -221,15 +268,19 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         # The timings of a timed epoch: its cumulative totals minus the previous epoch's; its
         # seconds without the model timing that followed it.
         seconds = {key: value - before["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
-        epochs.append((timed["seconds"] - measuring[position], seconds, paired[position]))
+        in_loop = forward_marks[position] - forward_marks[position - 1] + seconds.get("backward", 0.0) - \
+            parts["loss_backward"] * scale
+        epochs.append((timed["seconds"] - measuring[position], seconds, paired[position], in_loop))
     epochs.sort(key=lambda item: item[0])
-    epoch_s, seconds, model_s = epochs[len(epochs) // 2]          # the median epoch, its breakdown and model
+    epoch_s, seconds, model_s, in_loop_s = epochs[len(epochs) // 2]   # the median epoch, its breakdown and model
     row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, train=seconds.get("train", 0.0),
                encode=seconds.get("encode", 0.0), kmeans=seconds.get("kmeans", 0.0),
                metrics=seconds.get("metrics", 0.0), model=model_s, loss=parts["loss"] * scale,
                optimizer=parts["optimizer"] * scale)
     row["overhead"] = max(0.0, row["train"] - row["model"] - row["loss"] - row["optimizer"])
     row["outside_model"] = (epoch_s - model_s) / epoch_s
+    row["model_in_loop"] = in_loop_s
+    row["outside_in_loop"] = (epoch_s - in_loop_s) / epoch_s
     return row
 
 
@@ -254,7 +305,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     rows = []
     header = (f"{'method':6s} {'n':>8s} {'width':>5s} {'status':9s} {'epoch_s':>8s} {'pts/s':>9s} {'model':>7s} "
-              f"{'loss':>6s} {'optim':>6s} {'overh':>6s} {'encode':>6s} {'kmeans':>6s} {'metric':>6s} {'out%':>5s}")
+              f"{'loss':>6s} {'optim':>6s} {'overh':>6s} {'encode':>6s} {'kmeans':>6s} {'metric':>6s} {'out%':>5s} "
+              f"{'inloop':>7s} {'out%':>5s}")
     print(f"device: {device_name}, threads: {torch.get_num_threads()}")
     print(header)
     for method in args.methods:
@@ -267,13 +319,23 @@ def main(argv=None) -> int:
                 rows.append(row)
                 cell = lambda key: f"{row[key]:.3f}" if isinstance(row.get(key), float) else "-"  # noqa: E731
                 share = f"{100 * row['outside_model']:.0f}%" if "outside_model" in row else "-"
+                share_in_loop = f"{100 * row['outside_in_loop']:.0f}%" if "outside_in_loop" in row else "-"
                 print(f"{method:6s} {n:8d} {width:5.2f} {row['status']:9s} {row['epoch_s']:8.2f} "
                       f"{row['points_per_s']:9.0f} {cell('model'):>7s} {cell('loss'):>6s} {cell('optimizer'):>6s} "
                       f"{cell('overhead'):>6s} {cell('encode'):>6s} {cell('kmeans'):>6s} {cell('metrics'):>6s} "
-                      f"{share:>5s}", flush=True)
+                      f"{share:>5s} {cell('model_in_loop'):>7s} {share_in_loop:>5s}", flush=True)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         new_file = not os.path.exists(out)
+        if not new_file:
+            with open(out, newline="") as handle:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames != COLUMNS:      # an older file: rewritten with today's columns
+                    old_rows = list(reader)
+                    with open(out, "w", newline="") as rewritten:
+                        writer = csv.DictWriter(rewritten, fieldnames=COLUMNS, extrasaction="ignore")
+                        writer.writeheader()
+                        writer.writerows(old_rows)
         with open(out, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
             if new_file:

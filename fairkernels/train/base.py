@@ -472,7 +472,11 @@ class Trainer(abc.ABC):
             self._ddp_forward_ran = False
             loss, terms = self.batch_losses(phase, index, x, g)
             optimizer.zero_grad()      # LeanSGD / LeanAdam: without torch's profiler range (optim.py)
-            loss.backward()
+            if self.profile:           # the model's in-loop share (benchmarks/bench_train.py)
+                with self.timed("backward"):
+                    loss.backward()
+            else:
+                loss.backward()
             self._sync_gradients(optimizer)
             optimizer.step()
             # Kept on the device and summed once at the end of the epoch (one stack instead of a
