@@ -38,6 +38,38 @@ struct ChunkPlan {
   int64_t end(int64_t chunk, int64_t rows) const { return std::min(rows, (chunk + 1) * rows_per_chunk); }
 };
 
+// In-place lower Cholesky factor of the n x n SPD matrix a (row-major); false when a pivot is
+// not positive (or NaN), as torch.linalg.cholesky_ex reports it (dfc_step, group_offsets).
+inline bool cholesky_lower(std::vector<double>& a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    double pivot = a[j * n + j];
+    for (int64_t p = 0; p < j; ++p) pivot -= a[j * n + p] * a[j * n + p];
+    if (!(pivot > 0.0)) return false;
+    const double root = std::sqrt(pivot);
+    a[j * n + j] = root;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double v = a[i * n + j];
+      for (int64_t p = 0; p < j; ++p) v -= a[i * n + p] * a[j * n + p];
+      a[i * n + j] = v / root;
+    }
+  }
+  return true;
+}
+
+// b (n x m, row-major) <- A^-1 b for A = L L^T.
+inline void cholesky_solve(const std::vector<double>& l, int64_t n, std::vector<double>& b, int64_t m) {
+  for (int64_t i = 0; i < n; ++i) {          // L y = b
+    for (int64_t p = 0; p < i; ++p)
+      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[i * n + p] * b[p * m + c];
+    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {     // L^T x = y
+    for (int64_t p = i + 1; p < n; ++p)
+      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[p * n + i] * b[p * m + c];
+    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
+  }
+}
+
 // min_rows_per_chunk: 2048 keeps the per-chunk buffer cost negligible for cheap rows; a kernel
 // whose rows cost microseconds each passes fewer, so that a training batch spreads over threads.
 inline ChunkPlan plan_chunks(int64_t rows, int64_t partial_elems, int64_t min_rows_per_chunk = 2048) {

@@ -25,38 +25,6 @@ constexpr int64_t kRowsPerChunk = 128;
 
 inline double log_clamped(double x) { return std::log(std::max(x, kLogEps)); }
 
-// In-place lower Cholesky factor of the n x n SPD matrix a (row-major); false when a pivot is
-// not positive (or NaN): the caller then reports NaN, as torch.linalg.cholesky_ex would.
-bool cholesky_lower(std::vector<double>& a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    double pivot = a[j * n + j];
-    for (int64_t p = 0; p < j; ++p) pivot -= a[j * n + p] * a[j * n + p];
-    if (!(pivot > 0.0)) return false;
-    const double root = std::sqrt(pivot);
-    a[j * n + j] = root;
-    for (int64_t i = j + 1; i < n; ++i) {
-      double v = a[i * n + j];
-      for (int64_t p = 0; p < j; ++p) v -= a[i * n + p] * a[j * n + p];
-      a[i * n + j] = v / root;
-    }
-  }
-  return true;
-}
-
-// b (n x m, row-major) <- A^-1 b for A = L L^T.
-void cholesky_solve(const std::vector<double>& l, int64_t n, std::vector<double>& b, int64_t m) {
-  for (int64_t i = 0; i < n; ++i) {          // L y = b
-    for (int64_t p = 0; p < i; ++p)
-      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[i * n + p] * b[p * m + c];
-    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
-  }
-  for (int64_t i = n - 1; i >= 0; --i) {     // L^T x = y
-    for (int64_t p = i + 1; p < n; ++p)
-      for (int64_t c = 0; c < m; ++c) b[i * m + c] -= l[p * n + i] * b[p * m + c];
-    for (int64_t c = 0; c < m; ++c) b[i * m + c] /= l[i * n + i];
-  }
-}
-
 }  // namespace
 
 DFCStepOutputs dfc_step(

@@ -69,8 +69,8 @@ void group_shares(const double* L, const double* E, const int64_t* g, int64_t B,
 // H = (diag(sums) - outer) / n the Hessian of the dual, singular along 1 (a shift of b_t
 // changes nothing). Solved in the scaled variables y = sqrt(q) d, where H~ = D H D has null
 // vector u = sqrt(q) and entries in [-1, 1]; the part of the right-hand side along u (the
-// unreachable shift) is dropped and H~ + u u^T is factorised. false: no usable step (the
-// caller takes a Sinkhorn step instead).
+// unreachable shift) is dropped and H~ + u u^T is factorised. false: no usable step (a pivot
+// <= 1e-14 or a non-finite step; the caller takes a Sinkhorn step instead).
 bool newton_step(const double* sums, const double* outer, const double* residual, double n, int64_t K, double* d) {
   std::vector<double> root(K), A(K * K), rhs(K);
   for (int64_t k = 0; k < K; ++k) root[k] = std::sqrt(std::max(sums[k] / n, 1e-200));
@@ -85,28 +85,10 @@ bool newton_step(const double* sums, const double* outer, const double* residual
       const double h = ((k == l ? sums[k] : 0.0) - outer[k * K + l]) / n;
       A[k * K + l] = h / (root[k] * root[l]) + root[k] * root[l] / (u_norm * u_norm) + (k == l ? 1e-12 : 0.0);
     }
-  for (int64_t j = 0; j < K; ++j) {  // Cholesky, lower triangle in place
-    double diag = A[j * K + j];
-    for (int64_t m = 0; m < j; ++m) diag -= A[j * K + m] * A[j * K + m];
-    if (!(diag > 1e-14)) return false;
-    diag = std::sqrt(diag);
-    A[j * K + j] = diag;
-    for (int64_t k = j + 1; k < K; ++k) {
-      double v = A[k * K + j];
-      for (int64_t m = 0; m < j; ++m) v -= A[k * K + m] * A[j * K + m];
-      A[k * K + j] = v / diag;
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {  // L y' = rhs, then L^T y = y'
-    double v = rhs[k];
-    for (int64_t m = 0; m < k; ++m) v -= A[k * K + m] * rhs[m];
-    rhs[k] = v / A[k * K + k];
-  }
-  for (int64_t k = K - 1; k >= 0; --k) {
-    double v = rhs[k];
-    for (int64_t m = k + 1; m < K; ++m) v -= A[m * K + k] * rhs[m];
-    rhs[k] = v / A[k * K + k];
-  }
+  if (!cholesky_lower(A, K)) return false;
+  for (int64_t j = 0; j < K; ++j)
+    if (!(A[j * K + j] * A[j * K + j] > 1e-14)) return false;   // a near-singular pivot
+  cholesky_solve(A, K, rhs, 1);
   for (int64_t k = 0; k < K; ++k) {
     d[k] = rhs[k] / root[k];
     if (!std::isfinite(d[k])) return false;

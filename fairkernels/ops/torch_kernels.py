@@ -183,7 +183,7 @@ def _newton_steps(sums, outer, residual, counts):
     y = sqrt(q) d the system H~ y = -sqrt(q) r has H~ = D H D with null vector u = sqrt(q) and
     entries in [-1, 1], so the part of the right-hand side along u (an unreachable shift) is
     dropped and H~ + u u^T / |u|^2 factorised. A pivot <= 1e-14 or a non-finite step is not usable."""
-    T, K = sums.shape
+    K = sums.shape[1]
     n = counts.clamp_min(1.0)
     root = torch.sqrt((sums / n[:, None]).clamp_min(1e-200))
     u_norm = root.square().sum(1, keepdim=True).sqrt()
@@ -210,8 +210,9 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
     start). Each group takes Newton steps (_newton_steps) with a backtracking line search on
     |log q_t - log p|^2: a step that does not lower it is halved, down to an eighth, then
     replaced by the Sinkhorn step from where it started. A group stops moving once
-    max_k |log q_tk - log p_k| <= tol; max_iter counts passes over the rows. process_group: sums all-reduced across it (the trainers under DDP; not
-    part of the kernel interface). init: offsets [T, K] to start from (zeros when None)."""
+    max_k |log q_tk - log p_k| <= tol; max_iter counts passes over the rows. process_group:
+    sums all-reduced across it (the trainers under DDP; not part of the kernel interface).
+    init: offsets [T, K] to start from (zeros when None)."""
     from fairkernels.distributed import all_reduce_
     T, K = num_groups, logits.shape[1]
     groups = groups.long()
@@ -245,7 +246,7 @@ def group_offsets(logits, groups, num_groups: int, max_iter: int = 200, tol: flo
         after_newton = torch.where(worse, retry, after_newton)
         done = done | (~worse & (largest <= tol))
         active = ~done & ~worse
-        if not bool((active | worse).any()):             # one host read a pass (3-6 passes)
+        if not bool((active | worse).any()):             # one host read a pass (4-10 passes)
             break
         start_merit = torch.where(active, merit, start_merit)
         start = torch.where(active[:, None], b, start)

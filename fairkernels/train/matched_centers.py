@@ -155,8 +155,8 @@ def group_offsets(logits, groups, num_groups: int, process_group=None, max_iter:
     softmax(logits_i + b_{g_i}) equals the whole set's mean softmax(logits_i) (docs/math.md
     §8): the fixed point of b_t <- b_t + log p - log q_t, a Sinkhorn balancing of each group's
     rows against the shared cluster shares p, solved by safeguarded Newton steps (4-10 passes
-    over the rows where the Sinkhorn step alone took 40 to over 200). With matched centers cluster k is the same
-    cluster in every group, so equal shares are what the fairness term asks for; the argmax
+    over the rows where the Sinkhorn step alone took 40 to over 200). With matched centers
+    cluster k is the same cluster in every group, so equal shares are what the fairness term asks for; the argmax
     with these offsets turns them into hard assignments without retraining. Rows from all
     ranks count (sums all-reduced). Groups with no rows get offset 0."""
     T = num_groups
