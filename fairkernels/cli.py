@@ -46,7 +46,7 @@ FIELD_OPTIONS = {"n_clusters": "--n-clusters", "epochs": "--epochs", "warmup_epo
                  "batch_size": "--batch-size", "lr": "--lr", "width": "--width", "alpha": "--alpha",
                  "beta": "--beta", "gamma": "--gamma", "kmeans_iter": "--kmeans-iter",
                  "kmeans_sample_size": "--kmeans-sample-size", "dtype": "--dtype", "device": "--device",
-                 "centers": "--centers"}
+                 "centers": "--centers", "lr_schedule": "--lr-schedule"}
 
 
 class UsageError(Exception):
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--finetune-epochs", "finetune_epochs", int, "DFC/DEC/AE-KM end-to-end AE epochs", "dfc"),
         ("--batch-size", "batch_size", int, "rows per batch", None),
         ("--lr", "lr", float, "learning rate", None),
+        ("--lr-schedule", "lr_schedule", str, "FCMI learning rate over its FCMI epochs: cosine (decays to 0) or "
+         "constant", "fcmi"),
         ("--width", "width", float, "hidden-layer width multiplier", None),
         ("--alpha", "alpha", float, "FCMI weight of L_clu (None: 0.04 with shared centers, 0.1 with matched)",
          "fcmi"),

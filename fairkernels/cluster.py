@@ -80,11 +80,13 @@ class FCMI(_DeepFairClusterer):
     def __init__(self, n_clusters: int = 10, *, latent_dim: Optional[int] = None, alpha: Optional[float] = None,
                  beta: float = 0.2, tau: float = 0.1, epochs: int = 100, warmup_epochs: int = 20,
                  batch_size: int = 512, lr: float = 1e-3, width: float = 1.0, model: str = "mlp",
-                 multi_branch: bool = True, centers: str = "auto", kmeans_iter: int = 100, device: str = "cpu",
-                 backend: str = "auto", random_state: int = 0, checkpoint_dir: Optional[str] = None,
-                 resume: bool = False, progress: bool = False, verbose: bool = False):
+                 multi_branch: bool = True, centers: str = "auto", lr_schedule: str = "cosine",
+                 kmeans_iter: int = 100, device: str = "cpu", backend: str = "auto", random_state: int = 0,
+                 checkpoint_dir: Optional[str] = None, resume: bool = False, progress: bool = False,
+                 verbose: bool = False):
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
+        self.lr_schedule = lr_schedule
         self.alpha = alpha
         self.beta = beta
         self.tau = tau

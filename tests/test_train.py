@@ -1,5 +1,6 @@
 """Trainers on small synthetic data: they learn, FCMI is fairer than AE + k-means, resume is
 exact, and a non-finite loss stops training with a message naming the epoch and the term."""
+import math
 import os
 
 import numpy as np
@@ -126,6 +127,20 @@ def test_epochs_not_above_warmup_shortens_the_warmup_with_a_warning(biased):
     trainer.fit(X, groups, y)
     assert [record["phase"] for record in trainer.history] == ["warmup"] + ["fcmi"] * 4
     assert trainer.history[-1]["fair"] > 0 or trainer.history[-1]["mnce"] > 0.5
+
+
+def test_fcmi_learning_rate_decays_over_the_fcmi_epochs_only(biased):
+    X, groups, y = biased
+    trainer = make_trainer("fcmi", n_clusters=3, epochs=8, warmup_epochs=3, lr=3e-3, **FAST).fit(X, groups, y)
+    rates = [record["lr"] for record in trainer.history]
+    assert rates[:4] == [3e-3] * 4                       # the warm-up, then the first FCMI epoch at lr
+    assert all(a > b for a, b in zip(rates[3:], rates[4:])) and 0 < rates[-1] < 3e-3 * 0.1
+    assert rates[3:] == pytest.approx([3e-3 * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)])
+    constant = make_trainer("fcmi", n_clusters=3, epochs=8, warmup_epochs=3, lr=3e-3, lr_schedule="constant",
+                            **FAST).fit(X, groups, y)
+    assert [record["lr"] for record in constant.history] == [3e-3] * 8
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        make_trainer("fcmi", lr_schedule="linear")
 
 
 @pytest.mark.parametrize("refresh", ["warm", "restart"])

@@ -153,6 +153,11 @@ class Trainer(abc.ABC):
     def make_optimizer(self, phase: str):
         return adam(self.parameters(phase), self.config.lr)
 
+    def learning_rate(self, epoch: int, phase: str):
+        """The learning rate the optimiser uses in `epoch` (set before its first batch, so a
+        resumed run follows the same schedule), or None to leave the optimiser's own."""
+        return None
+
     def begin_epoch(self, epoch: int, phase: str, X: torch.Tensor, groups: torch.Tensor) -> None:
         """Epoch-level state (centers, targets) computed before the first batch."""
 
@@ -308,11 +313,17 @@ class Trainer(abc.ABC):
                 if saved_optimizer is not None and saved_phase == phase:
                     optimizer.load_state_dict(saved_optimizer)
                 saved_optimizer = None
+            lr = self.learning_rate(epoch, phase)
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             with self.timed("train"):
                 terms = self._run_epoch(epoch, phase, stream, optimizer)
             self._check_finite(epoch, terms, path)
             pred = self.end_epoch(epoch, phase, X_dev, groups_dev)
             record = {"epoch": epoch, "phase": phase, **terms}
+            if lr is not None:
+                record["lr"] = lr
             if pred is not None:
                 with self.timed("metrics"):
                     record.update(self._evaluate(pred, self.local(groups_dev)))

@@ -9,7 +9,8 @@ L_clu and L_fair come from the fused fairkernels op (no N x K logits). With cent
 across groups when clustering starts (fairkernels.train.matched_centers), and the logits of a
 row are its cosines to its own group's centers; predictions then need the rows' groups. The first
 warmup_epochs minimise the reconstruction only (shortened, with a warning, when it would
-cover every epoch).
+cover every epoch). With lr_schedule="cosine" (default) the learning rate of the FCMI epochs
+decays from lr to 0 (FCMIConfig.learning_rate).
 
 Under DDP the op gets the process group, so L_clu and L_fair are those of the global batch
 (docs/math.md §6) and its backward gives each rank the exact gradient of the global terms for its own
@@ -46,6 +47,9 @@ class FCMITrainer(Trainer):
 
     def phase(self, epoch: int) -> str:
         return "warmup" if epoch < self.config.effective_warmup_epochs else "fcmi"
+
+    def learning_rate(self, epoch: int, phase: str) -> float:
+        return self.config.learning_rate(epoch)      # config.lr_schedule
 
     def compute_centers(self, X: torch.Tensor, epoch: int, shard_embeddings=None) -> torch.Tensor:
         """Spherical k-means centroids of the normalised embeddings of the whole set (or of
