@@ -78,10 +78,17 @@ class Case:
 # --------------------------------------------------------------------------- environment
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The short commit of HEAD, with "+dirty" when tracked files differ from it (a result row
+    must not claim a commit whose code did not produce it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT, capture_output=True,
+                               timeout=10).returncode == 1
+        return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
