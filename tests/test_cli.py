@@ -165,9 +165,15 @@ def _train_cmd(out, *extra, epochs=25):
             "--warmup", "2", "--out", out, "--no-figures"] + TINY + list(extra)
 
 
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT ignored, and a Python
+    # started so keeps ignoring it (no KeyboardInterrupt): the child gets the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for_checkpoint(out, epochs):
     proc = subprocess.Popen(_train_cmd(out, epochs=epochs), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     path = ckpt.checkpoint_path(os.path.join(out, "checkpoints"))
     deadline = time.time() + 120
     while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
