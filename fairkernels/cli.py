@@ -260,10 +260,11 @@ def _config_overrides(args, n_clusters: int) -> dict:
     if args.distributed:
         overrides["distributed"] = True
     if args.method == "fcmi":
-        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta")
+        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta", lr_schedule="lr_schedule")
     else:
         names.update(pretrain_epochs="pretrain_epochs", finetune_epochs="finetune_epochs", gamma="gamma")
-    for arg_name in ("warmup", "alpha", "beta", "centers", "gamma", "pretrain_epochs", "finetune_epochs"):
+    for arg_name in ("warmup", "alpha", "beta", "lr_schedule", "centers", "gamma", "pretrain_epochs",
+                     "finetune_epochs"):
         if getattr(args, arg_name) is not None and arg_name not in names:
             raise UsageError(f"--{arg_name.replace('_', '-')} does not apply to --method {args.method}")
     for arg_name, field_name in names.items():

@@ -106,6 +106,10 @@ def _user_error_cases(tmp_path, run_dir):
         "negative epochs": (["train", "--method", "fcmi", "--epochs", "-1"] + tiny_synthetic,
                             "--epochs must be a positive int"),
         "option of another method": (train + tiny_synthetic + ["--gamma", "1"], "--gamma does not apply"),
+        "unknown lr schedule": (train + tiny_synthetic + ["--lr-schedule", "linear"],
+                                "--lr-schedule must be one of ('cosine', 'constant')"),
+        "lr schedule of another method": (["train", "--method", "dfc", "--epochs", "1"] + tiny_synthetic +
+                                          ["--lr-schedule", "constant"], "--lr-schedule does not apply"),
         "missing method": (["train"] + tiny_synthetic, "required: --method"),
         "resume another method": (["train", "--method", "dfc", "--resume"] + TINY[:8],
                                   "was written by FCMITrainer, not DFCTrainer"),
