@@ -118,7 +118,7 @@ class FCMIConfig(TrainConfig):
     The first `warmup_epochs` epochs minimise L_rec only. model: "mlp" (FC autoencoder, the
     authors' vector-data network) or "conv" (square images). Defaults are the authors' (Adam
     1e-3, batch 512, alpha 0.04, beta 0.2, tau 0.1, 20 warm-up epochs) except alpha = 0.1 with
-    matched centers (see alpha_for and centers) and epochs: 100
+    matched centers (see alpha_for and centers), the decay of the rate (lr_schedule) and epochs: 100
     instead of 300, because on sets of up to ~10^5 points the clustering has stopped changing
     well before (the authors' own code on digits-reverse: no label changes after epoch ~60).
     center_refresh: "warm" (Lloyd from the last centres, refresh_iter iterations; default) or
