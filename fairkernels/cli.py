@@ -87,6 +87,29 @@ def _data_options(pairs) -> dict:
     return options
 
 
+# (option, config field, type, help, the only method family it applies to); the help shows
+# the config's default, which may differ per method.
+METHOD_OPTIONS = (
+    ("--epochs", "epochs", int, "clustering epochs (FCMI: including the warm-up)", None),
+    ("--warmup", "warmup_epochs", int, "FCMI reconstruction-only epochs", "fcmi"),
+    ("--pretrain-epochs", "pretrain_epochs", int, "DFC/DEC/AE-KM epochs per SDAE layer", "dfc"),
+    ("--finetune-epochs", "finetune_epochs", int, "DFC/DEC/AE-KM end-to-end AE epochs", "dfc"),
+    ("--batch-size", "batch_size", int, "rows per batch", None),
+    ("--lr", "lr", float, "learning rate", None),
+    ("--lr-schedule", "lr_schedule", str, "FCMI learning rate over its FCMI epochs: cosine (decays to 0) or "
+     "constant", "fcmi"),
+    ("--width", "width", float, "hidden-layer width multiplier", None),
+    ("--alpha", "alpha", float, "FCMI weight of L_clu (None: 0.04 with shared centers, 0.1 with matched)",
+     "fcmi"),
+    ("--beta", "beta", float, "FCMI weight of L_fair", "fcmi"),
+    ("--gamma", "gamma", float, "DFC weight of the fairoid loss (None: 10 with shared centers, 1 with matched)",
+     "dfc"),
+    ("--kmeans-iter", "kmeans_iter", int, "Lloyd iterations per center refresh", None),
+    ("--centers", "centers", str, "centers: auto, matched (per group, paired across groups) or shared", None),
+    ("--dtype", "dtype", str, "data and model dtype: float32 or float64", None),
+)
+
+
 def _method_default(field: str, only: str | None = None) -> str:
     """The config default of `field` for the help text: one value, or one per method family."""
     from fairkernels.train.config import DFCConfig, FCMIConfig
@@ -112,28 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="loader option, e.g. n=5000 for synthetic, group_column=sex for a .csv (repeatable)")
     train.add_argument("--n-clusters", type=int, default=None, help="(default: the number of classes)")
 
-    # (option, config field, type, help, the only method family it applies to); the help shows
-    # the config's default, which may differ per method.
-    method_options = (
-        ("--epochs", "epochs", int, "clustering epochs (FCMI: including the warm-up)", None),
-        ("--warmup", "warmup_epochs", int, "FCMI reconstruction-only epochs", "fcmi"),
-        ("--pretrain-epochs", "pretrain_epochs", int, "DFC/DEC/AE-KM epochs per SDAE layer", "dfc"),
-        ("--finetune-epochs", "finetune_epochs", int, "DFC/DEC/AE-KM end-to-end AE epochs", "dfc"),
-        ("--batch-size", "batch_size", int, "rows per batch", None),
-        ("--lr", "lr", float, "learning rate", None),
-        ("--lr-schedule", "lr_schedule", str, "FCMI learning rate over its FCMI epochs: cosine (decays to 0) or "
-         "constant", "fcmi"),
-        ("--width", "width", float, "hidden-layer width multiplier", None),
-        ("--alpha", "alpha", float, "FCMI weight of L_clu (None: 0.04 with shared centers, 0.1 with matched)",
-         "fcmi"),
-        ("--beta", "beta", float, "FCMI weight of L_fair", "fcmi"),
-        ("--gamma", "gamma", float, "DFC weight of the fairoid loss (None: 10 with shared centers, 1 with matched)",
-         "dfc"),
-        ("--kmeans-iter", "kmeans_iter", int, "Lloyd iterations per center refresh", None),
-        ("--centers", "centers", str, "centers: auto, matched (per group, paired across groups) or shared", None),
-        ("--dtype", "dtype", str, "data and model dtype: float32 or float64", None),
-    )
-    for flag, field, kind, text, only in method_options:
+    for flag, field, kind, text, only in METHOD_OPTIONS:
         train.add_argument(flag, type=kind, default=None, help=f"{text} (default: {_method_default(field, only)})")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="cpu, cuda or cuda:<index> (default: %(default)s)")
@@ -255,22 +257,18 @@ def _config_overrides(args, n_clusters: int) -> dict:
     overrides = {"n_clusters": n_clusters, "device": args.device, "backend": args.backend, "seed": args.seed,
                  "progress": not args.no_progress, "checkpoint_dir": os.path.join(args.out, "checkpoints"),
                  "resume": args.resume}
-    names = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "width": "width", "dtype": "dtype",
-             "kmeans_iter": "kmeans_iter", "kmeans_sample_size": "kmeans_sample_size", "centers": "centers"}
     if args.distributed:
         overrides["distributed"] = True
-    if args.method == "fcmi":
-        names.update(warmup="warmup_epochs", alpha="alpha", beta="beta", lr_schedule="lr_schedule")
-    else:
-        names.update(pretrain_epochs="pretrain_epochs", finetune_epochs="finetune_epochs", gamma="gamma")
-    for arg_name in ("warmup", "alpha", "beta", "lr_schedule", "centers", "gamma", "pretrain_epochs",
-                     "finetune_epochs"):
-        if getattr(args, arg_name) is not None and arg_name not in names:
-            raise UsageError(f"--{arg_name.replace('_', '-')} does not apply to --method {args.method}")
-    for arg_name, field_name in names.items():
-        value = getattr(args, arg_name)
-        if value is not None:
-            overrides[field_name] = value
+    if args.kmeans_sample_size is not None:
+        overrides["kmeans_sample_size"] = args.kmeans_sample_size
+    family = "fcmi" if args.method == "fcmi" else "dfc"
+    for flag, field, _, _, only in METHOD_OPTIONS:       # one table: parser, help and this check
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if only is not None and only != family:
+            raise UsageError(f"{flag} does not apply to --method {args.method}")
+        overrides[field] = value
     return overrides
 
 
