@@ -27,6 +27,8 @@ denoising dropout masks are drawn per rank.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -41,10 +43,19 @@ from fairkernels.train.config import DFCConfig
 from fairkernels.train.optim import adam, sgd
 
 
+class StepPlan(NamedTuple):
+    """DFCTrainer.step_plan: what each clustering step of an epoch does."""
+    target_mode: str        # DFCConfig.target_mode: "interval", "lagged" or "batch"
+    cpu_target: bool        # the batch DEC target by the C++ kernel (not under DDP)
+    balance: bool           # matched centers with balanced_assignment: the target is balanced per group
+    weights_from_q: bool    # centroids_from == "q"
+
+
 class DFCTrainer(Trainer):
     def __init__(self, config: DFCConfig | None = None, **overrides):
         super().__init__(config if config is not None else DFCConfig(**overrides))
         self.mu = None
+        self._step_plan = None
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -96,6 +107,7 @@ class DFCTrainer(Trainer):
 
     def begin_epoch(self, epoch, phase, X, groups):
         self._full_X, self._full_groups = X, groups     # refresh_target needs the whole set mid-epoch
+        self._step_plan = None                           # resolved at the epoch's first clustering step
         if phase == "cluster" and self.mu is None:
             self.state["mu"] = self.matched_init(X, groups) if self.matched else self.kmeans_centers(X, epoch)
             self.state["iteration"] = 0
@@ -165,6 +177,18 @@ class DFCTrainer(Trainer):
         offsets = matched.group_offsets(log_p, groups, self.num_groups, self.parallel.process_group)
         return torch.softmax(log_p + offsets[groups], dim=1).to(target.dtype)
 
+    def step_plan(self, like: torch.Tensor) -> StepPlan:
+        """What every clustering step of this epoch does, resolved once (like: a tensor of the
+        embeddings' device and dtype, e.g. mu); the per-step lookups it replaces (the target mode, the
+        backend choice, the balancing flags) cost a narrow encoder's step tens of microseconds."""
+        cfg = self.config
+        if self._step_plan is None:
+            cpu_target = not self.parallel.active and \
+                _backend.choose(cfg.backend, like.device, like.dtype, "dec_batch_target") == "cpu"
+            self._step_plan = StepPlan(cfg.target_mode(self._full_X.shape[0]), cpu_target,
+                                       self.matched and cfg.balanced_assignment, cfg.centroids_from == "q")
+        return self._step_plan
+
     @torch.no_grad()
     def batch_target(self, q, groups=None):
         """DEC target of this batch from its own Q (target_refresh "batch", and the stored P of
@@ -174,17 +198,7 @@ class DFCTrainer(Trainer):
         cfg = self.config
         if not self.parallel.active and \
                 _backend.choose(cfg.backend, q.device, q.dtype, "dec_batch_target") == "cpu":
-            # One C++ call, the balancing included (csrc/cpu/group_offsets.cpp): on large sets
-            # this runs every step, and as tensor ops it cost more than a narrow encoder's step.
-            # The balancing starts from the previous batch's offsets (about 10x fewer iterations).
-            balance = groups is not None and self.matched and cfg.balanced_assignment
-            target, self.state["frequency"], offsets = torch.ops.fairkernels.dec_batch_target(
-                q.detach(), groups if groups is not None else torch.zeros(q.shape[0], dtype=torch.long),
-                self.state.get("frequency"), self.state.get("batch_offsets"), cfg.target_momentum, balance,
-                self.num_groups, 200, 1e-6)
-            if balance:
-                self.state["batch_offsets"] = offsets
-            return target
+            return self._cpu_batch_target(q, groups, groups is not None and self.matched and cfg.balanced_assignment)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_acc = q.detach().to(acc)
         column_sums = q_acc.sum(0)
@@ -198,6 +212,19 @@ class DFCTrainer(Trainer):
         weight = q_acc * q_acc / frequency.clamp_min(LOG_EPS)
         target = (weight / weight.sum(1, keepdim=True).clamp_min(LOG_EPS)).to(q.dtype)
         return target if groups is None else self.balanced_target(target, groups)
+
+    def _cpu_batch_target(self, q, groups, balance: bool):
+        """batch_target in one C++ call, the balancing included (csrc/cpu/group_offsets.cpp): on
+        large sets this runs every step, and as tensor ops it cost more than a narrow encoder's
+        step. The balancing starts from the previous batch's offsets (about 10x fewer iterations)."""
+        state = self.state
+        target, state["frequency"], offsets = torch.ops.fairkernels.dec_batch_target(
+            q.detach(), groups if groups is not None else torch.zeros(q.shape[0], dtype=torch.long),
+            state.get("frequency"), state.get("batch_offsets"), self.config.target_momentum, balance,
+            self.num_groups, 200, 1e-6)
+        if balance:
+            state["batch_offsets"] = offsets
+        return target
 
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
@@ -213,11 +240,13 @@ class DFCTrainer(Trainer):
             _, x_hat = self.train_forward(x)
             l_rec = F.mse_loss(x_hat, x)
             return l_rec, {"rec": l_rec}
-        mode = cfg.target_mode(self._full_X.shape[0])
-        if (mode == "interval" and self.state["iteration"] % cfg.update_interval == 0) or \
-                (mode == "lagged" and "target" not in self.state):
+        state = self.state
+        plan = self.step_plan(self.mu)
+        mode = plan.target_mode
+        if (mode == "interval" and state["iteration"] % cfg.update_interval == 0) or \
+                (mode == "lagged" and "target" not in state):
             self.refresh_target(self._full_X, self._full_groups)
-        self.state["iteration"] += 1
+        state["iteration"] += 1
         if cfg.rec_weight > 0:
             z, x_hat = self.train_forward(x)
         else:
@@ -227,18 +256,20 @@ class DFCTrainer(Trainer):
                 target = self.batch_target(self.assign(z, groups, check_inputs=False), groups)
         else:
             # index_select / index_copy_: half the cost of [index] on a narrow step (index is host-side).
-            index = index.to(self.state["target"].device)
-            target = self.state["target"].index_select(0, index)
+            index = index.to(state["target"].device)
+            target = state["target"].index_select(0, index)
         gamma = self.gamma         # DEC (gamma 0) skips the fairness term: it would only cost time
         # Q, KL(P||Q) and gamma KL(Psi||Phi) in one call (one C++ kernel on CPU, ops/dfc_embeddings.py);
         # the eq. 12 centroids are fitted to config.centroids_from ("target": the paper's P, "q": Q).
         # (The arguments were validated once, by the config and fit(); the checks would cost a
         # narrow encoder's step about 0.1 ms.)
         loss, l_cl, l_fr, fairoids, q = dfc_loss_unchecked(
-            z, self.mu, groups, self.num_groups, gamma, cfg.alpha, cfg.beta, target.detach(),
-            self.state.get("fairoids"), cfg.centroids_from == "q", RIDGE, cfg.backend)
+            z, self.mu, groups, self.num_groups, gamma, cfg.alpha, cfg.beta, target, state.get("fairoids"),
+            plan.weights_from_q, RIDGE, cfg.backend)
         if mode == "lagged":      # the P these rows get at their next visit, one epoch from now
-            self.state["target"].index_copy_(0, index, self.batch_target(q, groups))
+            new_target = self._cpu_batch_target(q, groups, plan.balance) if plan.cpu_target else \
+                self.batch_target(q, groups)
+            state["target"].index_copy_(0, index, new_target)
         terms = {"kl": l_cl}
         if gamma > 0.0:
             self.state["fairoids"] = fairoids
