@@ -46,6 +46,20 @@ def test_one_epoch_visits_every_row_once(source, prefetch, shuffle):
         assert torch.equal(seen, torch.arange(N))
 
 
+@pytest.mark.parametrize("gather_rows", [25, 30, 1000])
+def test_batches_gathered_in_blocks_are_the_per_batch_ones(source, gather_rows, monkeypatch):
+    X, g, _ = source
+    per_batch = BatchStream(X, g, 10, seed=3)
+    monkeypatch.setattr(per_batch, "gather_rows", 1)       # one gather per batch
+    blocked = BatchStream(X, g, 10, seed=3)
+    monkeypatch.setattr(blocked, "gather_rows", gather_rows)
+    assert per_batch.batches_per_gather == 1 and blocked.batches_per_gather == gather_rows // 10
+    expected, got = collect(per_batch), collect(blocked)
+    assert len(expected) == len(got) == 11
+    for (i0, x0, g0), (i1, x1, g1) in zip(expected, got):
+        assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(g0, g1)
+
+
 def test_epochs_and_seeds_change_the_order():
     x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
     stream = BatchStream(x, None, 16, seed=1)

@@ -183,8 +183,38 @@ class BatchStream:
             groups = groups.to(self.device, non_blocking=self.pin_memory)
         return index, host, groups
 
+    # Rows gathered per call when nothing runs ahead (prefetch 0 and no pinned staging: the CPU
+    # training loop): whole batches up to this many rows in one gather, then views of it. A
+    # 256-row gather took 73-104 us of a narrow encoder's 2-3 ms DFC step in the loop, 49-66 us
+    # as a sixteenth of a 4096-row one (alternating epochs, 10^5 rows, 2-core VM): the dispatch
+    # is paid once, and one long gather overlaps its cache misses.
+    gather_rows = 4096
+
+    @property
+    def batches_per_gather(self) -> int:
+        return max(1, self.gather_rows // self.batch_size)
+
+    def _gathered_in_blocks(self):
+        """The batches of _batches(), gathered batches_per_gather at a time (same rows, same order)."""
+        batches = list(self._batches())
+        step = self.batches_per_gather
+        for start in range(0, len(batches), step):
+            block = batches[start:start + step]
+            index = torch.cat(block)
+            rows = self._gather(index, None)
+            groups = self.groups.index_select(0, index) if self.groups is not None else None
+            offset = 0
+            for batch_index in block:
+                end = offset + batch_index.shape[0]
+                yield self._deliver(batch_index, rows[offset:end], groups[offset:end] if groups is not None else None,
+                                    None, [None])
+                offset = end
+
     def __iter__(self):
         pinned = self.pin_memory and not (isinstance(self.X, torch.Tensor) and self.X.device.type != "cpu")
+        if self.prefetch == 0 and not pinned and self.batches_per_gather > 1:
+            yield from self._gathered_in_blocks()
+            return
         if self.prefetch == 0:
             buffers = [self._new_buffer()] if pinned else []
             events = [None]
