@@ -29,9 +29,8 @@ constexpr int64_t kRowsPerChunk = 128;
 
 inline double log_clamped(double x) { return std::log(std::max(x, kLogEps)); }
 
-// Distances are accumulated kLanes centroids at a time in a fixed-size local array, which the
-// compiler keeps in vector registers across the d-loop (a K-long accumulator it could not: its
-// row of K doubles went through memory once per feature).
+// Distances are accumulated kLanes centroids at a time, in two Vec4 registers across the d-loop
+// (a K-long accumulator went through memory once per feature).
 constexpr int64_t kLanes = 8;
 
 inline int64_t padded(int64_t k) { return (k + kLanes - 1) / kLanes * kLanes; }
@@ -53,7 +52,6 @@ inline Vec4 splat4(double x) { return Vec4{x, x, x, x}; }
 // [set][d][padded(K)] with zero padding (the lanes past K are computed and dropped).
 struct StepRows {
   const double* z;          // [B, d]
-  const double* centers;    // [sets, K, d]
   const double* centers_t;  // [sets, d, padded(K)]
   const double* target;     // [B, K]
   const int64_t* groups;    // [B]
@@ -289,7 +287,7 @@ DFCStepOutputs dfc_step(
   for (int64_t c = 0; c < sets; ++c)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < d; ++j) centers_t[(c * d + j) * Kp + k] = cp[(c * K + k) * d + j];
-  const StepRows rows{zp, cp, centers_t.data(), pp, gp, q, dist.data(), row_mass.data(), K, d, T, per_group, fair,
+  const StepRows rows{zp, centers_t.data(), pp, gp, q, dist.data(), row_mass.data(), K, d, T, per_group, fair,
                       weights_from_q, alpha == 1.0, alpha, exponent};
   const int64_t width = K + d;
   const int64_t stats = 2 + K * width + T + T * d;   // kl, sum W^2, W^T [W | Z], counts, group sums
@@ -434,16 +432,15 @@ DFCStepOutputs dfc_step(
     dfc_rows_backward(rows, grads, plan.begin(chunk), plan.end(chunk, B), grad_z_pad.data(),
                       grad_c_partial.data() + chunk * padded_centers);
   });
+  std::vector<double> grad_c_pad(padded_centers);
+  reduce_chunks(grad_c_partial, plan.num_chunks, padded_centers, grad_c_pad.data());
   std::vector<double> grad_z(B * d), grad_c(center_elems);
-  for (int64_t i = 0; i < B; ++i)
-    std::copy(grad_z_pad.begin() + i * dp, grad_z_pad.begin() + i * dp + d, grad_z.begin() + i * d);
-  for (int64_t r = 0; r < sets * K; ++r)            // summed over chunks in chunk order (reduce_chunks)
-    for (int64_t j = 0; j < d; ++j) {
-      double total_c = 0.0;
-      for (int64_t chunk = 0; chunk < plan.num_chunks; ++chunk)
-        total_c += grad_c_partial[chunk * padded_centers + r * dp + j];
-      grad_c[r * d + j] = total_c;
-    }
+  auto unpad_rows = [&](const std::vector<double>& source, int64_t rows, std::vector<double>& out) {
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy(source.begin() + r * dp, source.begin() + r * dp + d, out.begin() + r * d);
+  };
+  unpad_rows(grad_z_pad, B, grad_z);
+  unpad_rows(grad_c_pad, sets * K, grad_c);
   double* gz = grad_z.data();
 
   // loss = l_cl + gamma * l_fr is summed here in float64, then each is rounded to z's dtype.
