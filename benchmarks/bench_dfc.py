@@ -1,6 +1,7 @@
-"""Benchmark of the DFC losses (docs/math.md §4): DEC target, KL(P || Q) and the whole dfc_loss.
+"""Benchmark of the DFC losses (docs/math.md §4): DEC target, KL(P || Q), the whole dfc_loss and
+the trainer's loss from the embeddings (dfc_loss_from_embeddings).
 
-    python benchmarks/bench_dfc.py [--quick] [--compile] [--n N]
+    python benchmarks/bench_dfc.py [--quick] [--compile] [--n N]     # --n 256: DFC's training batch
 
 Minimal traffic: dec_target reads q twice (f_k needs every row before any p_ik) and writes P;
 kl_div fwd reads P and Q, its backward reads both again and writes dL/dQ; dfc_loss fwd reads q
@@ -67,6 +68,31 @@ def dfc_loss_case(n, k, t, dtype, device) -> harness.Case:
         bytes_per_pass={"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 3 * n * k * e + 2 * n * d * e})
 
 
+def dfc_embeddings_case(n, k, t, dtype, device) -> harness.Case:
+    """The DFC trainer's clustering loss from the embeddings (Student-t Q, KL(P||Q) and the
+    fairness term in one call), shared centroids; --n 256 is DFC's training batch."""
+    e = harness.element_size(dtype)
+    d = EMBEDDING_DIM
+
+    def make_inputs():
+        z = torch.randn(n, d, dtype=dtype, device=device).requires_grad_()
+        centers = torch.randn(k, d, dtype=dtype, device=device).requires_grad_()
+        groups = torch.randint(0, t, (n,), device=device)
+        target = _soft_assignments(n, k, dtype, device, False)
+        return z, centers, groups, target
+
+    def loss(backend, z, centers, groups, target):
+        return fk.dfc_loss_from_embeddings(z, centers, groups, t, target=target, backend=backend,
+                                           check_inputs=False)[0]
+
+    fwd_bytes = n * (d + 2 * k) * e + n * 8      # z, P and the groups read, Q written
+    return harness.Case(
+        op="dfc_loss_from_embeddings", backend_op="dfc_embeddings", dtype=dtype, n=n, k=k, t=t, d=d,
+        make_inputs=make_inputs, fused=loss,
+        reference=lambda *inputs: loss("reference", *inputs),
+        bytes_per_pass={"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + n * d * e})
+
+
 def cases(args) -> list[harness.Case]:
     device = torch.device(args.device)
     out, seen_nk = [], set()
@@ -76,7 +102,7 @@ def cases(args) -> list[harness.Case]:
         if (n, k) not in seen_nk:   # dec_target and kl_div do not depend on T: one row per (N, K)
             seen_nk.add((n, k))
             out += [dec_target_case(n, k, args.dtype, device), kl_div_case(n, k, args.dtype, device)]
-        out.append(dfc_loss_case(n, k, t, args.dtype, device))
+        out += [dfc_loss_case(n, k, t, args.dtype, device), dfc_embeddings_case(n, k, t, args.dtype, device)]
     return out
 
 
