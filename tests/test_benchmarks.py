@@ -14,7 +14,7 @@ FAMILY_OPS = {
     "fcmi": {"fcmi_loss", "fcmi_loss_from_embeddings"},
     "histogram": {"joint_histogram"},
     "assign": {"student_t_assign", "cosine_assign"},
-    "dfc": {"dec_target", "kl_div", "dfc_loss"},
+    "dfc": {"dec_target", "kl_div", "dfc_loss", "dfc_loss_from_embeddings"},
 }
 
 
