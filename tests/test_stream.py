@@ -60,6 +60,22 @@ def test_batches_gathered_in_blocks_are_the_per_batch_ones(source, gather_rows, 
         assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(g0, g1)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("gather_rows", [1, 4096])
+def test_iteration_yields_the_epoch_batches_themselves(source, prefetch, gather_rows, monkeypatch):
+    """epoch_batches() announces the epoch's batches: iterating yields those very index tensors,
+    in that order (the DFC trainer's TargetWindow relies on it), and a new epoch has new ones."""
+    X, g, _ = source
+    stream = BatchStream(X, g, 10, seed=5, prefetch=prefetch)
+    monkeypatch.setattr(stream, "gather_rows", gather_rows)
+    stream.set_epoch(3)
+    announced = stream.epoch_batches()
+    yielded = [index for index, _, _ in stream]
+    assert len(yielded) == len(announced) == 11 and all(a is b for a, b in zip(announced, yielded))
+    stream.set_epoch(4)
+    assert not torch.equal(torch.cat(stream.epoch_batches()), torch.cat(announced))
+
+
 def test_epochs_and_seeds_change_the_order():
     x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
     stream = BatchStream(x, None, 16, seed=1)

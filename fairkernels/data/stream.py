@@ -89,6 +89,7 @@ class BatchStream:
         if self.pin_memory and not torch.cuda.is_available():
             self.pin_memory = False  # pinning needs a CUDA driver; pageable memory works the same
         self.epoch = 0
+        self._epoch_batches = None      # (key, batches) of epoch_batches()
 
     # ------------------------------------------------------------------ indices
     def set_epoch(self, epoch: int) -> None:
@@ -119,16 +120,28 @@ class BatchStream:
         share = self.rows_per_rank
         return order[self.rank * share:(self.rank + 1) * share]
 
+    def epoch_batches(self) -> list:
+        """The row indices (int64) of this epoch's batches, in the order iteration yields them:
+        iterating the stream yields these very tensors as each batch's index, so a caller that
+        keeps per-row state can work on the coming batches' rows ahead (the DFC trainer's lagged
+        target, train/lagged_target.py). Computed once per epoch (and seed, shard and batch size)."""
+        key = (self.epoch, self.seed, self.shuffle, self.rank, self.world_size, self.batch_size, self.drop_last,
+               self.block_rows, self.num_rows)
+        cached = self._epoch_batches
+        if cached is None or cached[0] != key:
+            # Each batch's indices in increasing order (sequential memmap reads), sorted for the
+            # whole epoch in one call: a sort per batch cost a narrow model's step tens of us.
+            order = self.indices()
+            count = len(self)
+            full = min(count, order.shape[0] // self.batch_size)
+            batches = list(order[:full * self.batch_size].view(full, self.batch_size).sort(dim=1).values.unbind(0))
+            if count > full:
+                batches.append(torch.sort(order[full * self.batch_size:]).values)
+            cached = self._epoch_batches = (key, batches)
+        return list(cached[1])
+
     def _batches(self):
-        # Each batch's indices in increasing order (sequential memmap reads), sorted for the
-        # whole epoch in one call: a sort per batch cost a narrow model's step tens of us.
-        order = self.indices()
-        count = len(self)
-        full = min(count, order.shape[0] // self.batch_size)
-        batches = list(order[:full * self.batch_size].view(full, self.batch_size).sort(dim=1).values.unbind(0))
-        if count > full:
-            batches.append(torch.sort(order[full * self.batch_size:]).values)
-        yield from batches
+        yield from self.epoch_batches()
 
     # ------------------------------------------------------------------ gathering
     def _gather(self, index, buffer):

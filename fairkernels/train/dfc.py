@@ -41,6 +41,7 @@ from fairkernels.train import matched_centers as matched
 from fairkernels.train.base import Trainer, encode_all, nearest_center
 from fairkernels.train.config import DFCConfig
 from fairkernels.train.optim import adam, sgd
+from fairkernels.train.target_window import TargetWindow
 
 
 class StepPlan(NamedTuple):
@@ -56,6 +57,7 @@ class DFCTrainer(Trainer):
         super().__init__(config if config is not None else DFCConfig(**overrides))
         self.mu = None
         self._step_plan = None
+        self._target_window = None     # the epoch's TargetWindow (clustering phase, _run_epoch)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -255,9 +257,13 @@ class DFCTrainer(Trainer):
             with torch.no_grad():
                 target = self.batch_target(self.assign(z, groups, check_inputs=False), groups)
         else:
-            # index_select / index_copy_: half the cost of [index] on a narrow step (index is host-side).
-            index = index.to(state["target"].device)
-            target = state["target"].index_select(0, index)
+            window = self._target_window
+            target = window.read(state["target"], index) if window is not None else None
+            if target is None:
+                window = None
+                # index_select / index_copy_: half the cost of [index] on a narrow step (index is host-side).
+                index = index.to(state["target"].device)
+                target = state["target"].index_select(0, index)
         gamma = self.gamma         # DEC (gamma 0) skips the fairness term: it would only cost time
         # Q, KL(P||Q) and gamma KL(Psi||Phi) in one call (one C++ kernel on CPU, ops/dfc_embeddings.py);
         # the eq. 12 centroids are fitted to config.centroids_from ("target": the paper's P, "q": Q).
@@ -269,7 +275,10 @@ class DFCTrainer(Trainer):
         if mode == "lagged":      # the P these rows get at their next visit, one epoch from now
             new_target = self._cpu_batch_target(q, groups, plan.balance) if plan.cpu_target else \
                 self.batch_target(q, groups)
-            state["target"].index_copy_(0, index, new_target)
+            if window is not None:
+                window.write(new_target)
+            else:
+                state["target"].index_copy_(0, index, new_target)
         terms = {"kl": l_cl}
         if gamma > 0.0:
             self.state["fairoids"] = fairoids
@@ -282,7 +291,15 @@ class DFCTrainer(Trainer):
         return loss, terms
 
     def _run_epoch(self, epoch, phase, stream, optimizer):
-        terms = super()._run_epoch(epoch, phase, stream, optimizer)
+        if phase == "cluster" and hasattr(stream, "epoch_batches"):
+            stream.set_epoch(epoch)
+            self._target_window = TargetWindow(stream.epoch_batches())
+        try:
+            terms = super()._run_epoch(epoch, phase, stream, optimizer)
+        finally:
+            if self._target_window is not None:
+                self._target_window.close()      # the lagged rows written since the last segment
+                self._target_window = None
         if self.mu is not None:
             self.state["mu"] = self.mu.detach()
         return terms
