@@ -30,7 +30,9 @@ Breakdown columns (seconds of the timed epoch):
   outside_model  (epoch - model) / epoch: the share of the epoch that is not the model's work
   model_in_loop  the model's forward + backward as timed inside that epoch's training loop
              (forward hooks on the module the step calls; the step's backward less the loss
-             node's own backward, timed alone); free of the drift between two timings, and
+             node's own backward: for DFC, whose fused loss is one autograd node, as that node
+             runs inside the step's backward (hooks on it); for FCMI timed alone); free of the
+             drift between two timings, and
              counting the model's own ops at the speed they run there (after the loss and
              optimiser ops, not repeated on one warm batch)
   outside_in_loop  (epoch - model_in_loop) / epoch
@@ -224,7 +226,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # The model's forward as the training loop runs it (grad enabled: not the no-grad
     # whole-set encodings), timed by hooks on the module the step calls; its backward is in
     # the trainer's "backward" timing, less the loss node's own backward (timed alone).
-    forward_seconds, forward_marks, hooks_on = [0.0], [], [True]
+    forward_seconds, forward_marks, node_marks, hooks_on = [0.0], [], [], [True]
     before_training = trainer.before_training
 
     def hook_model_forward(*args):
@@ -249,8 +251,35 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         return before_training(*args)
     trainer.before_training = hook_model_forward
 
+    # DFC's loss is one autograd node (the fused dfc_loss): its backward is timed where it runs,
+    # inside the step's backward, by hooks on that node. Timed alone instead (FCMI's loss is
+    # several nodes), it also carries a whole backward call's fixed cost (the autograd engine's
+    # start, 30-40 us on this VM), which the step's backward pays once, for the model.
+    loss_node_seconds, batch_losses = [0.0], trainer.batch_losses
+    timed_node = not isinstance(trainer.config, FCMIConfig)
+
+    def batch_losses_with_node_hooks(phase, *args):
+        loss, terms = batch_losses(phase, *args)
+        node = loss.grad_fn
+        if timed_node and phase == "cluster" and node is not None:
+            entered = []
+
+            def enter(*_):
+                _sync(trainer.device)
+                entered.append(time.perf_counter())
+
+            def leave(*_):
+                if entered:
+                    _sync(trainer.device)
+                    loss_node_seconds[0] += time.perf_counter() - entered.pop()
+            node.register_prehook(enter)
+            node.register_hook(leave)
+        return loss, terms
+    trainer.batch_losses = batch_losses_with_node_hooks
+
     def end_epoch_then_time_model(*args):
         forward_marks.append(forward_seconds[0])
+        node_marks.append(loss_node_seconds[0])
         result = end_epoch(*args)
         started = time.perf_counter()
         hooks_on[0] = False
@@ -268,8 +297,9 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         # The timings of a timed epoch: its cumulative totals minus the previous epoch's; its
         # seconds without the model timing that followed it.
         seconds = {key: value - before["timings"].get(key, 0.0) for key, value in timed["timings"].items()}
-        in_loop = forward_marks[position] - forward_marks[position - 1] + seconds.get("backward", 0.0) - \
+        loss_backward = node_marks[position] - node_marks[position - 1] if timed_node else \
             parts["loss_backward"] * scale
+        in_loop = forward_marks[position] - forward_marks[position - 1] + seconds.get("backward", 0.0) - loss_backward
         epochs.append((timed["seconds"] - measuring[position], seconds, paired[position], in_loop))
     epochs.sort(key=lambda item: item[0])
     epoch_s, seconds, model_s, in_loop_s = epochs[len(epochs) // 2]   # the median epoch, its breakdown and model
