@@ -73,6 +73,23 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _span_hooks(device, total: list, when=lambda: True):
+    """(enter, leave): hook functions that add to total[0] the seconds from each enter (when
+    when() holds) to the next leave, synchronising the device at both ends."""
+    started = []
+
+    def enter(*_):
+        if when():
+            _sync(device)
+            started.append(time.perf_counter())
+
+    def leave(*_):
+        if started:
+            _sync(device)
+            total[0] += time.perf_counter() - started.pop()
+    return enter, leave
+
+
 def _timed(fn, device) -> float:
     _sync(device)
     started = time.perf_counter()
@@ -225,7 +242,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
 
     # The model's forward as the training loop runs it (grad enabled: not the no-grad
     # whole-set encodings), timed by hooks on the module the step calls; its backward is in
-    # the trainer's "backward" timing, less the loss node's own backward (timed alone).
+    # the trainer's "backward" timing, less the loss node's own backward (below).
     forward_seconds, forward_marks, node_marks, hooks_on = [0.0], [], [], [True]
     before_training = trainer.before_training
 
@@ -235,19 +252,10 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         model = trainer.model
         first, last = (model, model) if isinstance(trainer.config, FCMIConfig) else \
             (model.encoder_layers[0], model.encoder_layers[-1])
-        started = []
-
-        def pre_hook(*_):
-            if torch.is_grad_enabled() and hooks_on[0]:     # not the model timings below
-                _sync(trainer.device)
-                started.append(time.perf_counter())
-
-        def post_hook(*_):
-            if started:
-                _sync(trainer.device)
-                forward_seconds[0] += time.perf_counter() - started.pop()
-        first.register_forward_pre_hook(pre_hook)
-        last.register_forward_hook(post_hook)
+        # not the no-grad encodings, nor the model timings below
+        enter, leave = _span_hooks(trainer.device, forward_seconds, lambda: torch.is_grad_enabled() and hooks_on[0])
+        first.register_forward_pre_hook(enter)
+        last.register_forward_hook(leave)
         return before_training(*args)
     trainer.before_training = hook_model_forward
 
@@ -262,16 +270,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         loss, terms = batch_losses(phase, *args)
         node = loss.grad_fn
         if timed_node and phase == "cluster" and node is not None:
-            entered = []
-
-            def enter(*_):
-                _sync(trainer.device)
-                entered.append(time.perf_counter())
-
-            def leave(*_):
-                if entered:
-                    _sync(trainer.device)
-                    loss_node_seconds[0] += time.perf_counter() - entered.pop()
+            enter, leave = _span_hooks(trainer.device, loss_node_seconds)
             node.register_prehook(enter)
             node.register_hook(leave)
         return loss, terms

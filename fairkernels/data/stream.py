@@ -124,7 +124,7 @@ class BatchStream:
         """The row indices (int64) of this epoch's batches, in the order iteration yields them:
         iterating the stream yields these very tensors as each batch's index, so a caller that
         keeps per-row state can work on the coming batches' rows ahead (the DFC trainer's lagged
-        target, train/lagged_target.py). Computed once per epoch (and seed, shard and batch size)."""
+        target, train/target_window.py). Computed once per epoch (and seed, shard and batch size)."""
         key = (self.epoch, self.seed, self.shuffle, self.rank, self.world_size, self.batch_size, self.drop_last,
                self.block_rows, self.num_rows)
         cached = self._epoch_batches

@@ -291,7 +291,9 @@ class DFCTrainer(Trainer):
         return loss, terms
 
     def _run_epoch(self, epoch, phase, stream, optimizer):
-        if phase == "cluster" and hasattr(stream, "epoch_batches"):
+        # The epoch's batch order is known once its epoch is set (the base loop sets it again).
+        if phase == "cluster" and hasattr(stream, "epoch_batches") and \
+                self.config.target_mode(self._full_X.shape[0]) != "batch":   # "batch" reads no table
             stream.set_epoch(epoch)
             self._target_window = TargetWindow(stream.epoch_batches())
         try:
