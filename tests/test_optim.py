@@ -147,6 +147,7 @@ def test_flat_sgd_matches_torch_step(kwargs, dtype):
         lean.step()
         if step > 0:                                                          # the first step builds the state
             assert lean._fast(lean.param_groups[0])[0][0] is flat.flat
+            assert flat.bound(lean.state)                                     # step() took the flat path
         tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
         for a, b in zip(want, got):
             torch.testing.assert_close(b, a, **tol)
@@ -185,8 +186,54 @@ def test_flat_sgd_resumes_from_a_state_dict_and_survives_rebinding():
         _backward(params, 9)
         opt.step()
     assert b._fast(b.param_groups[0])[0][0] is not b._flat.flat
+    assert not b._flat.bound(b.state)
     for x, y in zip(straight, resumed):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_flat_sgd_fast_path_checks_what_the_generic_one_does(monkeypatch):
+    """step()'s flat shortcut is taken only when every view is in place and nothing else asks
+    for torch's step: a replaced momentum buffer, a gradient set to None, a step hook or a
+    closure each take the generic path (same result as torch's step)."""
+    kwargs = dict(lr=0.05, momentum=0.9)
+    want, got = _params(3), _params(3)
+    reference, lean = _reference("sgd", want, **kwargs), LeanSGD(got, fused=True, flat=True, **kwargs)
+    flat_calls = []
+    fused_step = LeanSGD._fused_step
+    monkeypatch.setattr(LeanSGD, "_fused_step", lambda self, group, params, grads, buffers: (
+        flat_calls.append(params[0] is self._flat.flat), fused_step(self, group, params, grads, buffers)))
+
+    def one_step(step, before=lambda: None, closure=None):
+        reference.zero_grad()
+        lean.zero_grad()
+        _backward(want, step)
+        _backward(got, step)
+        before()
+        reference.step()
+        lean.step(closure)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+    one_step(0)                      # builds the state (torch's step)
+    one_step(1)
+    assert flat_calls[-1] is True and lean._flat.bound(lean.state)
+    buffer = lean.state[got[1]]["momentum_buffer"]
+    one_step(2, before=lambda: lean.state[got[1]].update(momentum_buffer=buffer.clone()))
+    assert lean._flat.bound(lean.state)          # moved back into the flat buffer by that step
+    handle = lean.register_step_post_hook(lambda *args: flat_calls.append("hook"))
+    calls_before = len(flat_calls)
+    one_step(3)
+    assert flat_calls[calls_before:] == ["hook"]          # torch's own step, then the hook
+    handle.remove()
+    calls_before = len(flat_calls)
+    one_step(4, closure=lambda: flat_calls.append("closure"))
+    assert flat_calls[calls_before:] == ["closure"]
+    lean.zero_grad()
+    got[2].grad = None                                    # no gradient: not the flat path
+    assert not lean._flat.bound(lean.state)
+    calls_before = len(flat_calls)
+    one_step(5)                                           # zero_grad re-attaches the views
+    assert flat_calls[calls_before:] == [True]
 
 
 def test_zero_grad_without_set_to_none_zeroes_in_place():

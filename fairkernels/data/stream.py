@@ -214,14 +214,16 @@ class BatchStream:
         for start in range(0, len(batches), step):
             block = batches[start:start + step]
             index = torch.cat(block)
-            rows = self._gather(index, None)
-            groups = self.groups.index_select(0, index) if self.groups is not None else None
-            offset = 0
-            for batch_index in block:
-                end = offset + batch_index.shape[0]
-                yield self._deliver(batch_index, rows[offset:end], groups[offset:end] if groups is not None else None,
-                                    None, [None])
-                offset = end
+            sizes = [batch_index.shape[0] for batch_index in block]
+            # The block's batches as views, one split call each (a slice per batch is an op per batch).
+            rows = self._gather(index, None).split(sizes)
+            groups = self.groups.index_select(0, index).split(sizes) if self.groups is not None else [None] * len(block)
+            if rows[0].device == self.device and (groups[0] is None or groups[0].device == self.device):
+                # Already where the caller wants them: _deliver would only check that, per batch.
+                yield from zip(block, rows, groups)
+                continue
+            for batch_index, batch_rows, batch_groups in zip(block, rows, groups):
+                yield self._deliver(batch_index, batch_rows, batch_groups, None, [None])
 
     def __iter__(self):
         pinned = self.pin_memory and not (isinstance(self.X, torch.Tensor) and self.X.device.type != "cpu")

@@ -37,11 +37,13 @@ class TargetWindow:
         self.table = None          # the table the loaded segment came from
         self.index = None          # the segment's rows (on the table's device), in visiting order
         self.values = None         # table[index]
+        self.segment_start = 0     # batch position where the loaded segment starts
         self.segment_end = 0       # batch position where the loaded segment ends
         self.offset = 0            # rows of the segment read so far
         self.written = 0           # rows of the segment written so far (a prefix: batches in order)
-        self.current = None        # (start, end) of the last read batch in the segment
-        self.pending = None        # (start, end, values) of the last write, copied in at the next read
+        self.views = None          # values split into the segment's batches (one split, not a slice a step)
+        self.current = None        # (start, end, view) of the last read batch in the segment
+        self.pending = None        # (end, view, values) of the last write, copied in at the next read
 
     def read(self, table: torch.Tensor, index: torch.Tensor):
         """table[index] as a view of the window when index is the next batch, else None."""
@@ -53,24 +55,25 @@ class TargetWindow:
             self.flush()
             self._load(table)
         start, end = self.offset, self.offset + index.shape[0]
-        self.current = (start, end)
+        view = self.views[self.position - self.segment_start]
+        self.current = (start, end, view)
         self.position += 1
         self.offset = end
-        return self.values[start:end]
+        return view
 
     def write(self, values: torch.Tensor) -> None:
         """Set the rows of the last read batch (to values, its [B, K] new target). The copy into
         the window is made at the next read or flush: the rows read may still be needed by the
         step's backward (the reference loss saves its target), which runs after this call."""
-        start, end = self.current
+        start, end, view = self.current
         if start != self.written or self.pending is not None:
             raise RuntimeError("TargetWindow.write: each read batch is written once, in order")
-        self.pending = (start, end, values)
+        self.pending = (end, view, values)
 
     def _apply_pending(self) -> None:
         if self.pending is not None:
-            start, end, values = self.pending
-            self.values[start:end].copy_(values)
+            end, view, values = self.pending
+            view.copy_(values)
             self.written, self.pending = end, None
 
     def flush(self) -> None:
@@ -84,13 +87,15 @@ class TargetWindow:
         """flush() and stop: every later read returns None."""
         self.flush()
         self.position = len(self.batches)
-        self.table = self.index = self.values = None
+        self.table = self.index = self.values = self.views = None
 
     def _load(self, table: torch.Tensor) -> None:
         end, rows = self.position, 0
         while end < len(self.batches) and (end == self.position or rows + self.batches[end].shape[0] <= self.segment_rows):
             rows += self.batches[end].shape[0]
             end += 1
-        self.index = torch.cat(self.batches[self.position:end]).to(table.device)
+        segment = self.batches[self.position:end]
+        self.index = torch.cat(segment).to(table.device)
         self.values = table.index_select(0, self.index)
-        self.table, self.segment_end, self.offset, self.written = table, end, 0, 0
+        self.views = self.values.split([batch.shape[0] for batch in segment])
+        self.table, self.segment_start, self.segment_end, self.offset, self.written = table, self.position, end, 0, 0
