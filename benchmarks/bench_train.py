@@ -18,7 +18,7 @@ share outside the model anywhere within +-15 points.)
         centroids ("dfc": what centers="auto" picks here, the groups mix) and with per-group
         ones ("dfc-matched": each batch's lagged DEC target is also balanced per group).
 Breakdown columns (seconds of the timed epoch):
-  train      the mini-batch loop as the trainer runs it (data, model, loss, optimiser)
+  train      the mini-batch loop as the trainer runs it (data, model, loss, optimiser; less hook_setup)
   model      the model's own forward + backward of the same number of batches, timed alone
              right after that epoch, on the trainer's model (reconstruction loss only, same batch
              size; up to 200 batches, scaled), so that the epoch and its model timing see the
@@ -36,6 +36,8 @@ Breakdown columns (seconds of the timed epoch):
              counting the model's own ops at the speed they run there (after the loss and
              optimiser ops, not repeated on one warm batch)
   outside_in_loop  (epoch - model_in_loop) / epoch
+  hook_setup  the bench's registering of the loss-node hooks in the timed epoch (DFC), timed
+             where it runs and left out of epoch and train: a user's epoch does not do it
 An epoch longer than --max-epoch-seconds (estimated from timed batches) is not run; its row says
 "estimated" and extrapolates the measured per-batch cost.
 """
@@ -65,7 +67,7 @@ from fairkernels.train.matched_centers import matched_logits  # noqa: E402
 PAIRED_MODEL_BATCHES = 200   # batches of each model timing paired with a timed epoch
 COLUMNS = ["date", "commit", "device", "threads", "method", "n", "width", "batch_size", "params", "status",
            "epoch_s", "points_per_s", "train", "model", "loss", "optimizer", "overhead", "encode", "kmeans",
-           "metrics", "outside_model", "model_in_loop", "outside_in_loop"]
+           "metrics", "outside_model", "model_in_loop", "outside_in_loop", "hook_setup"]
 
 
 def _sync(device):
@@ -243,7 +245,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # The model's forward as the training loop runs it (grad enabled: not the no-grad
     # whole-set encodings), timed by hooks on the module the step calls; its backward is in
     # the trainer's "backward" timing, less the loss node's own backward (below).
-    forward_seconds, forward_marks, node_marks, hooks_on = [0.0], [], [], [True]
+    forward_seconds, forward_marks, node_marks, registering_marks, hooks_on = [0.0], [], [], [], [True]
     before_training = trainer.before_training
 
     def hook_model_forward(*args):
@@ -263,22 +265,27 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # inside the step's backward, by hooks on that node. Timed alone instead (FCMI's loss is
     # several nodes), it also carries a whole backward call's fixed cost (the autograd engine's
     # start, 30-40 us on this VM), which the step's backward pays once, for the model.
-    loss_node_seconds, batch_losses = [0.0], trainer.batch_losses
+    # Registering them is the bench's own work, not the trainer's: 60-75 us a step in the loop on
+    # this VM (a narrow step is 2.5-4 ms), timed here and taken out of the epoch's seconds.
+    loss_node_seconds, registering_seconds, batch_losses = [0.0], [0.0], trainer.batch_losses
     timed_node = not isinstance(trainer.config, FCMIConfig)
 
     def batch_losses_with_node_hooks(phase, *args):
         loss, terms = batch_losses(phase, *args)
+        started = time.perf_counter()
         node = loss.grad_fn
         if timed_node and phase == "cluster" and node is not None:
             enter, leave = _span_hooks(trainer.device, loss_node_seconds)
             node.register_prehook(enter)
             node.register_hook(leave)
+        registering_seconds[0] += time.perf_counter() - started
         return loss, terms
     trainer.batch_losses = batch_losses_with_node_hooks
 
     def end_epoch_then_time_model(*args):
         forward_marks.append(forward_seconds[0])
         node_marks.append(loss_node_seconds[0])
+        registering_marks.append(registering_seconds[0])
         result = end_epoch(*args)
         started = time.perf_counter()
         hooks_on[0] = False
@@ -299,10 +306,13 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
         loss_backward = node_marks[position] - node_marks[position - 1] if timed_node else \
             parts["loss_backward"] * scale
         in_loop = forward_marks[position] - forward_marks[position - 1] + seconds.get("backward", 0.0) - loss_backward
-        epochs.append((timed["seconds"] - measuring[position], seconds, paired[position], in_loop))
+        registering = registering_marks[position] - registering_marks[position - 1]
+        epochs.append((timed["seconds"] - measuring[position] - registering, seconds, paired[position], in_loop,
+                       registering))
     epochs.sort(key=lambda item: item[0])
-    epoch_s, seconds, model_s, in_loop_s = epochs[len(epochs) // 2]   # the median epoch, its breakdown and model
-    row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, train=seconds.get("train", 0.0),
+    epoch_s, seconds, model_s, in_loop_s, registering = epochs[len(epochs) // 2]   # the median epoch, its breakdown
+    row.update(status="measured", epoch_s=epoch_s, points_per_s=n / epoch_s, hook_setup=registering,
+               train=seconds.get("train", 0.0) - registering,
                encode=seconds.get("encode", 0.0), kmeans=seconds.get("kmeans", 0.0),
                metrics=seconds.get("metrics", 0.0), model=model_s, loss=parts["loss"] * scale,
                optimizer=parts["optimizer"] * scale)
