@@ -191,3 +191,31 @@ def test_autograd_node_chain_rule_and_sparse_targets(alpha):
     (grad_centers,) = torch.autograd.grad(only_centers, centers)
     torch.testing.assert_close(grad_centers, plain[1], rtol=1e-10, atol=1e-13)
     assert not got[1].requires_grad and not got[2].requires_grad and not got[4].requires_grad
+
+
+@needs_cpu
+def test_autograd_node_hands_out_its_saved_gradients_on_a_unit_seed():
+    """loss.backward() seeds the node with 1, and the node then returns its saved gradients
+    without multiplying: they must reach z and the centroids unchanged, survive a second backward
+    of a retained graph (nothing accumulates into them in place), and add into existing grads."""
+    z, centers, groups, target, _ = _inputs(5, 41, 4, 3, 2, False, absent=False)
+    want = torch.autograd.grad(_reference_loss(z, centers, groups, 2, 1.5, 1.0, 10.0, target, None, "target")[0],
+                               (z, centers))
+    loss = fk.dfc_loss_from_embeddings(z, centers, groups, 2, 1.5, 1.0, 10.0, target, backend="cpu")[0]
+    loss.backward(retain_graph=True)
+    first = (z.grad.clone(), centers.grad.clone())
+    for a, b in zip(first, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    z.grad.zero_()                                    # were the grads the saved tensors, this
+    centers.grad.zero_()                              # would zero the retained graph's gradients
+    loss.backward(retain_graph=True)
+    for grad, a in zip((z.grad, centers.grad), first):
+        torch.testing.assert_close(grad, a, rtol=1e-12, atol=1e-15)
+    loss.backward()                                   # into the grads of the call before
+    for grad, a in zip((z.grad, centers.grad), first):
+        torch.testing.assert_close(grad, 2 * a, rtol=1e-12, atol=1e-15)
+    again = torch.autograd.grad(
+        fk.dfc_loss_from_embeddings(z, centers, groups, 2, 1.5, 1.0, 10.0, target, backend="cpu")[0] * 1.0,
+        (z, centers), grad_outputs=torch.ones(()))
+    for a, b in zip(again, first):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
