@@ -265,7 +265,7 @@ def bench(method: str, n: int, width: float, batch_size: int, device: str, max_e
     # inside the step's backward, by hooks on that node. Timed alone instead (FCMI's loss is
     # several nodes), it also carries a whole backward call's fixed cost (the autograd engine's
     # start, 30-40 us on this VM), which the step's backward pays once, for the model.
-    # Registering them is the bench's own work, not the trainer's: 60-75 us a step in the loop on
+    # Registering them is the bench's own work, not the trainer's: 40-75 us a step in the loop on
     # this VM (a narrow step is 2.5-4 ms), timed here and taken out of the epoch's seconds.
     loss_node_seconds, registering_seconds, batch_losses = [0.0], [0.0], trainer.batch_losses
     timed_node = not isinstance(trainer.config, FCMIConfig)
