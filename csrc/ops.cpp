@@ -21,6 +21,7 @@ TORCH_LIBRARY(fairkernels, m) {
   m.def("dfc_loss(Tensor z, Tensor centers, Tensor groups, Tensor target, Tensor? previous, int num_groups, float alpha, float beta, float gamma, float ridge, bool weights_from_q) -> (Tensor loss, Tensor l_cl, Tensor l_fr, Tensor q, Tensor fairoids)");
   m.def("group_offsets(Tensor logits, Tensor groups, int num_groups, int max_iter, float tol) -> Tensor");
   m.def("dec_batch_target(Tensor q, Tensor groups, Tensor? running, Tensor? offsets, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency, Tensor offsets)");
+  m.def("dec_batch_targets(Tensor[] q, Tensor[] groups, Tensor? running, Tensor? offsets, float momentum, bool balance, int num_groups, int max_iter, float tol) -> (Tensor target, Tensor frequency, Tensor offsets)");
   m.def("kmeans_assign(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist)");
   m.def("kmeans_step(Tensor x, Tensor centers) -> (Tensor labels, Tensor min_sq_dist, Tensor sums, Tensor counts)");
 }
@@ -40,6 +41,7 @@ TORCH_LIBRARY_IMPL(fairkernels, CPU, m) {
   m.impl("dfc_step", &fairkernels::cpu::dfc_step);
   m.impl("group_offsets", &fairkernels::cpu::group_offsets);
   m.impl("dec_batch_target", &fairkernels::cpu::dec_batch_target);
+  m.impl("dec_batch_targets", &fairkernels::cpu::dec_batch_targets);
   m.impl("kmeans_assign", &fairkernels::cpu::kmeans_assign);
   m.impl("kmeans_step", &fairkernels::cpu::kmeans_step);
 }

@@ -114,3 +114,11 @@ def _group_offsets(logits, groups, num_groups, max_iter, tol):
 def _dec_batch_target(q, groups, running, offsets, momentum, balance, num_groups, max_iter, tol):
     return (q.new_empty(q.shape), q.new_empty((q.shape[1],), dtype=_acc_dtype(q.dtype)),
             q.new_empty((num_groups, q.shape[1]), dtype=torch.float64))
+
+
+@_register("dec_batch_targets")
+def _dec_batch_targets(q, groups, running, offsets, momentum, balance, num_groups, max_iter, tol):
+    first = q[0]
+    return (first.new_empty((sum(batch.shape[0] for batch in q), first.shape[1])),
+            first.new_empty((first.shape[1],), dtype=_acc_dtype(first.dtype)),
+            first.new_empty((num_groups, first.shape[1]), dtype=torch.float64))

@@ -170,6 +170,9 @@ def _opcheck_calls(contiguous: bool):
                               200, 1e-6)),
         ("dec_batch_target", (q, groups, strided(torch.rand(k, generator=gen, dtype=torch.float64)), None, 0.9, False,
                               t, 200, 1e-6)),
+        ("dec_batch_targets", ([q, q[:3]], [groups, groups[:3]], None, None, 0.9, True, t, 200, 1e-6)),
+        ("dec_batch_targets", ([q], [groups], strided(torch.rand(k, generator=gen, dtype=torch.float64)),
+                               torch.randn(t, k, generator=gen, dtype=torch.float64), 0.9, False, t, 200, 1e-6)),
     ]
 
 

@@ -218,6 +218,40 @@ def test_dec_batch_target_warm_start_reaches_the_same_balanced_target():
         ops.dec_batch_target(batches[1], groups, None, first[:2], 0.9, True, 3, 200, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("balance, start", [(False, False), (True, False), (True, True), (False, True)])
+def test_dec_batch_targets_is_dec_batch_target_on_each_batch_in_turn(dtype, balance, start):
+    """The list op (a TargetWindow segment's lagged targets in one call) gives bitwise the values
+    of one dec_batch_target call a batch, each given the previous call's frequency (rounded to
+    its dtype) and, with balance, offsets, as the DFC trainer's per-step path passes them."""
+    from fairkernels import _backend
+    if _backend.choose("auto", torch.device("cpu"), torch.float64, "dec_batch_target") != "cpu":
+        pytest.skip("the compiled extension is not available")
+    generator = torch.Generator().manual_seed(5)
+    sizes = [64, 64, 17, 64]
+    qs = [torch.softmax(3.0 * torch.randn(b, 6, generator=generator, dtype=torch.float64), 1).to(dtype)
+          for b in sizes]
+    groups = [torch.randint(0, 3, (b,), generator=generator) for b in sizes]
+    groups[2].fill_(1)                                  # a batch that misses groups 0 and 2
+    ops = torch.ops.fairkernels
+    running = torch.softmax(torch.randn(6, generator=generator, dtype=torch.float64), 0).to(dtype) if start else None
+    offsets = torch.randn(3, 6, generator=generator, dtype=torch.float64) if start else None
+    first_running, first_offsets = running, offsets
+    want = []
+    for q, g in zip(qs, groups):
+        target, running, reached = ops.dec_batch_target(q, g, running, offsets, 0.9, balance, 3, 200, 1e-6)
+        offsets = reached if balance else offsets
+        want.append(target)
+    got, frequency, reached_last = ops.dec_batch_targets(qs, groups, first_running, first_offsets, 0.9, balance, 3,
+                                                         200, 1e-6)
+    assert got.dtype == dtype and frequency.dtype == dtype and reached_last.dtype == torch.float64
+    assert torch.equal(got, torch.cat(want)) and torch.equal(frequency, running) and torch.equal(reached_last, reached)
+    with pytest.raises(RuntimeError, match="one tensor per batch"):
+        ops.dec_batch_targets(qs, groups[:2], None, None, 0.9, balance, 3, 200, 1e-6)
+    with pytest.raises(RuntimeError, match="6 columns"):
+        ops.dec_batch_targets([qs[0], qs[1][:, :5]], groups[:2], None, None, 0.9, balance, 3, 200, 1e-6)
+
+
 def test_refresh_keeps_cluster_identity_per_group():
     rng = np.random.default_rng(0)
     base = torch.as_tensor(rng.normal(size=(3, 5)) * 4)

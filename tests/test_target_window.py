@@ -108,3 +108,40 @@ def test_dfc_fit_through_the_window_is_the_per_batch_fit(mode, centers, backend,
     assert torch.equal(through.mu.detach(), per_batch.mu.detach())
     assert torch.equal(through.state["target"], per_batch.state["target"])
     assert np.array_equal(through.labels_, per_batch.labels_)
+
+
+@pytest.mark.parametrize("segment_rows", [1, 25, 10_000])
+def test_deferred_writes_are_made_per_segment_and_match_per_batch_ones(segment_rows):
+    """write_later: the rows are made once a segment (at its write-back), from that segment's
+    items in visiting order, and the table ends as with per-batch writes; a plain write after a
+    deferred one in the same segment is refused."""
+    k = 3
+    start = torch.randn(103, k)
+    expected, table = start.clone(), start.clone()
+    window = TargetWindow(_epoch(), segment_rows=segment_rows)
+    calls = []
+
+    def produce(items):
+        calls.append(len(items))
+        return torch.cat([_new_rows(index, k, step) for index, step in items])
+    for step, index in enumerate(window.batches):
+        assert torch.equal(window.read(table, index), expected.index_select(0, index))
+        expected.index_copy_(0, index, _new_rows(index, k, step))
+        window.write_later((index, step), produce)
+    window.close()
+    assert torch.equal(table, expected)
+    segments, rows = [], segment_rows          # whole batches, up to segment_rows rows (at least one)
+    for index in window.batches:
+        if rows + index.shape[0] > segment_rows:
+            segments.append(0)
+            rows = 0
+        segments[-1] += 1
+        rows += index.shape[0]
+    assert calls == segments and len(calls) > (segment_rows < 103)
+    again = TargetWindow(_epoch(), segment_rows=10_000)
+    batches = again.batches
+    again.read(table, batches[0])
+    again.write_later((batches[0], 0), produce)
+    again.read(table, batches[1])
+    with pytest.raises(RuntimeError, match="once, in order"):
+        again.write(torch.zeros(batches[1].shape[0], k))

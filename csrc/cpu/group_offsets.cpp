@@ -206,6 +206,69 @@ at::Tensor group_offsets(const at::Tensor& logits_in, const at::Tensor& groups_i
   return offsets.to(logits_in.scalar_type());
 }
 
+namespace {
+
+// One batch's DEC target into p [B, K] (docs/math.md §4): f [K] holds the running frequency on
+// entry (used when has_running) and the batch's on return; c [T, K] the balancing's starting
+// offsets on entry (used when warm) and the offsets reached on return (zeros without balance).
+void batch_target_into(const double* qp, const int64_t* g, int64_t B, int64_t K, int64_t T, bool has_running,
+                       double momentum, bool balance, bool warm, int64_t max_iter, double tol, double* f, double* c,
+                       double* p) {
+  // f: the running mean of the batches' normalised column sums.
+  std::vector<double> columns(K, 0.0);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < K; ++k) columns[k] += qp[i * K + k];
+  double column_total = 0.0;
+  for (int64_t k = 0; k < K; ++k) column_total += columns[k];
+  for (int64_t k = 0; k < K; ++k) {
+    const double batch = columns[k] / std::max(column_total, kLogEps);
+    f[k] = has_running ? momentum * f[k] + (1.0 - momentum) * batch : batch;
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    double total = 0.0;
+    for (int64_t k = 0; k < K; ++k) total += (p[i * K + k] = qp[i * K + k] * qp[i * K + k] / std::max(f[k], kLogEps));
+    const double inv = 1.0 / std::max(total, kLogEps);
+    for (int64_t k = 0; k < K; ++k) p[i * K + k] *= inv;
+  }
+  if (!balance) {
+    std::fill(c, c + T * K, 0.0);
+    return;
+  }
+  // P <- softmax(log P + c_g), c the offsets that give every group the set's mean target.
+  // Started from the previous batch's offsets: consecutive batches need nearly the same ones,
+  // and from zeros the iterations took about 0.4 ms of every matched DFC step.
+  if (!warm) std::fill(c, c + T * K, 0.0);
+  // exp(log max(p, eps)) is max(p, eps): the iterations and the final softmax need no
+  // exponential or logarithm per entry (they took about 0.15 ms of a batch), only K T of them.
+  // Every row's weights lie in [eps, 1], so no row sum underflows.
+  std::vector<double> weights(B * K);
+  for (int64_t e = 0; e < B * K; ++e) weights[e] = std::max(p[e], kLogEps);
+  balance_offsets(nullptr, g, B, K, T, max_iter, tol, c, warm, weights.data());
+  std::vector<double> scale(T * K);   // exp(c_t - max_k c_t): softmax(log p + c) = p * scale / sum
+  for (int64_t t = 0; t < T; ++t) {
+    double c_max = -std::numeric_limits<double>::infinity();
+    for (int64_t k = 0; k < K; ++k) c_max = std::max(c_max, c[t * K + k]);
+    for (int64_t k = 0; k < K; ++k) scale[t * K + k] = std::exp(c[t * K + k] - c_max);
+  }
+  for (int64_t i = 0; i < B; ++i) {
+    const double* row_scale = scale.data() + g[i] * K;
+    double total = 0.0;
+    for (int64_t k = 0; k < K; ++k) total += (p[i * K + k] = weights[i * K + k] * row_scale[k]);
+    for (int64_t k = 0; k < K; ++k) p[i * K + k] /= total;
+  }
+}
+
+void check_batch_state(const std::optional<at::Tensor>& running, const std::optional<at::Tensor>& offsets, int64_t K,
+                       int64_t T) {
+  if (running.has_value())
+    TORCH_CHECK(running->dim() == 1 && running->size(0) == K, "running frequency must have ", K, " entries");
+  if (offsets.has_value())
+    TORCH_CHECK(offsets->dim() == 2 && offsets->size(0) == T && offsets->size(1) == K,
+                "offsets must be [", T, ", ", K, "]");
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
     const at::Tensor& q_in, const at::Tensor& groups_in, const std::optional<at::Tensor>& running_in,
     const std::optional<at::Tensor>& offsets_in, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
@@ -214,69 +277,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
   const int64_t B = q_in.size(0), K = q_in.size(1), T = num_groups;
   TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1");
   check_groups(groups_in, B);
-  if (running_in.has_value())
-    TORCH_CHECK(running_in->dim() == 1 && running_in->size(0) == K, "running frequency must have ", K, " entries");
-  if (offsets_in.has_value())
-    TORCH_CHECK(offsets_in->dim() == 2 && offsets_in->size(0) == T && offsets_in->size(1) == K,
-                "offsets must be [", T, ", ", K, "]");
+  check_batch_state(running_in, offsets_in, K, T);
   // Read and written without Tensor::to (common.h, DoubleValues): this runs every training step.
   const DoubleValues q(q_in);
   const at::Tensor groups = long_groups(groups_in);
-  const double* qp = q.data();
   const int64_t* g = groups.data_ptr<int64_t>();
   if (balance) check_group_range(g, B, T);
-
-  // f: the running mean of the batches' normalised column sums (docs/math.md §4).
-  std::vector<double> columns(K, 0.0);
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t k = 0; k < K; ++k) columns[k] += qp[i * K + k];
-  double column_total = 0.0;
-  for (int64_t k = 0; k < K; ++k) column_total += columns[k];
-  std::vector<double> f(K);
-  std::optional<DoubleValues> running;
-  if (running_in.has_value()) running.emplace(*running_in);
-  for (int64_t k = 0; k < K; ++k) {
-    const double batch = columns[k] / std::max(column_total, kLogEps);
-    f[k] = running ? momentum * running->data()[k] + (1.0 - momentum) * batch : batch;
+  std::vector<double> f(K, 0.0), c(T * K, 0.0), target(B * K);
+  if (running_in.has_value()) {
+    const DoubleValues running(*running_in);
+    std::copy(running.data(), running.data() + K, f.begin());
   }
-  std::vector<double> target(B * K);
-  double* p = target.data();
-  for (int64_t i = 0; i < B; ++i) {
-    double total = 0.0;
-    for (int64_t k = 0; k < K; ++k) total += (p[i * K + k] = qp[i * K + k] * qp[i * K + k] / std::max(f[k], kLogEps));
-    const double inv = 1.0 / std::max(total, kLogEps);
-    for (int64_t k = 0; k < K; ++k) p[i * K + k] *= inv;
+  if (balance && offsets_in.has_value()) {
+    const DoubleValues start(*offsets_in);
+    std::copy(start.data(), start.data() + T * K, c.begin());
   }
-  std::vector<double> c(T * K, 0.0);
-  if (balance) {  // P <- softmax(log P + c_g), c the offsets that give every group the set's mean target
-    // Started from the previous batch's offsets: consecutive batches need nearly the same ones,
-    // and from zeros the iterations took about 0.4 ms of every matched DFC step.
-    if (offsets_in.has_value()) {
-      const DoubleValues start(*offsets_in);
-      std::copy(start.data(), start.data() + T * K, c.begin());
-    }
-    // exp(log max(p, eps)) is max(p, eps): the iterations and the final softmax need no
-    // exponential or logarithm per entry (they took about 0.15 ms of a batch), only K T of them.
-    // Every row's weights lie in [eps, 1], so no row sum underflows.
-    std::vector<double> weights(B * K);
-    for (int64_t e = 0; e < B * K; ++e) weights[e] = std::max(p[e], kLogEps);
-    balance_offsets(nullptr, g, B, K, T, max_iter, tol, c.data(), offsets_in.has_value(), weights.data());
-    std::vector<double> scale(T * K);   // exp(c_t - max_k c_t): softmax(log p + c) = p * scale / sum
-    for (int64_t t = 0; t < T; ++t) {
-      double c_max = -std::numeric_limits<double>::infinity();
-      for (int64_t k = 0; k < K; ++k) c_max = std::max(c_max, c[t * K + k]);
-      for (int64_t k = 0; k < K; ++k) scale[t * K + k] = std::exp(c[t * K + k] - c_max);
-    }
-    for (int64_t i = 0; i < B; ++i) {
-      const double* row_scale = scale.data() + g[i] * K;
-      double total = 0.0;
-      for (int64_t k = 0; k < K; ++k) total += (p[i * K + k] = weights[i * K + k] * row_scale[k]);
-      for (int64_t k = 0; k < K; ++k) p[i * K + k] /= total;
-    }
-  }
+  batch_target_into(q.data(), g, B, K, T, running_in.has_value(), momentum, balance, offsets_in.has_value(),
+                    max_iter, tol, f.data(), c.data(), target.data());
   const auto acc = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {tensor_from_doubles(p, {B, K}, q_in.options()), tensor_from_doubles(f.data(), {K}, q_in.options().dtype(acc)),
+  return {tensor_from_doubles(target.data(), {B, K}, q_in.options()),
+          tensor_from_doubles(f.data(), {K}, q_in.options().dtype(acc)),
           tensor_from_doubles(c.data(), {T, K}, q_in.options().dtype(at::kDouble))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_targets(
+    at::TensorList q_list, at::TensorList groups_list, const std::optional<at::Tensor>& running_in,
+    const std::optional<at::Tensor>& offsets_in, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
+    double tol) {
+  TORCH_CHECK(!q_list.empty(), "q must hold at least one batch");
+  TORCH_CHECK(groups_list.size() == q_list.size(), "groups must hold one tensor per batch of q (", q_list.size(),
+              "), got ", groups_list.size());
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1");
+  const int64_t K = q_list[0].dim() == 2 ? q_list[0].size(1) : 0, T = num_groups;
+  int64_t rows = 0;
+  for (const at::Tensor& q : q_list) {
+    check_matrix(q, "q");
+    TORCH_CHECK(q.size(1) == K && q.scalar_type() == q_list[0].scalar_type() && q.device() == q_list[0].device(),
+                "every batch of q must have ", K, " columns and the first batch's dtype and device");
+    rows += q.size(0);
+  }
+  check_batch_state(running_in, offsets_in, K, T);
+  // Every batch as dec_batch_target would make it called on each in turn, each call given the
+  // previous one's frequency (rounded to its dtype, as that call returns it) and offsets.
+  const auto acc = q_list[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<double> f(K, 0.0), c(T * K, 0.0), target(rows * K);
+  bool has_running = running_in.has_value(), warm = offsets_in.has_value();
+  if (has_running) {
+    const DoubleValues running(*running_in);
+    std::copy(running.data(), running.data() + K, f.begin());
+  }
+  if (balance && warm) {
+    const DoubleValues start(*offsets_in);
+    std::copy(start.data(), start.data() + T * K, c.begin());
+  }
+  int64_t row = 0;
+  for (size_t b = 0; b < q_list.size(); ++b) {
+    const int64_t B = q_list[b].size(0);
+    check_groups(groups_list[b], B);
+    const DoubleValues q(q_list[b]);
+    const at::Tensor groups = long_groups(groups_list[b]);
+    const int64_t* g = groups.data_ptr<int64_t>();
+    if (balance) check_group_range(g, B, T);
+    batch_target_into(q.data(), g, B, K, T, has_running, momentum, balance, warm, max_iter, tol, f.data(), c.data(),
+                      target.data() + row * K);
+    if (acc == at::kFloat)
+      for (double& value : f) value = static_cast<double>(static_cast<float>(value));
+    has_running = true;
+    warm = warm || balance;   // the caller passes a batch's offsets on only when it balances
+    row += B;
+  }
+  return {tensor_from_doubles(target.data(), {rows, K}, q_list[0].options()),
+          tensor_from_doubles(f.data(), {K}, q_list[0].options().dtype(acc)),
+          tensor_from_doubles(c.data(), {T, K}, q_list[0].options().dtype(at::kDouble))};
 }
 
 }  // namespace fairkernels::cpu

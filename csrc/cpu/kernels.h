@@ -92,6 +92,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
     const std::optional<at::Tensor>& offsets, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
     double tol);
 
+// dec_batch_target of each batch of a list in turn, each given the previous one's frequency and
+// (with balance) offsets: (the targets concatenated [sum B, K] in q's dtype, the last f, the last
+// offsets), the values of those calls. The DFC trainer makes a segment's lagged targets in one call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_targets(
+    at::TensorList q, at::TensorList groups, const std::optional<at::Tensor>& running,
+    const std::optional<at::Tensor>& offsets, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
+    double tol);
+
 // Nearest center by squared Euclidean distance: (labels[N] int64, min_sq_dist[N]).
 std::tuple<at::Tensor, at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centers);
 // One fused Lloyd pass: kmeans_assign's outputs plus per-cluster row sums [K, d] (float64) and

@@ -119,6 +119,19 @@ def dfc_loss_from_embeddings(z, centers, groups, num_groups=None, gamma=1.0, alp
                               centroids_from == "q", ridge, backend)
 
 
+def dfc_loss_kernel(backend: str, device: torch.device, dtype: torch.dtype):
+    """The C++ op dfc_loss_unchecked calls for embeddings and centroids of this device and dtype
+    (None where it composes tensor ops instead), for a caller that resolves it once and calls it
+    every step: op(z, centers, groups, target, previous_fairoids, num_groups, alpha, beta, gamma,
+    ridge, weights_from_q) -> (loss, l_cl, l_fr, q, fairoids), the arguments as for
+    dfc_loss_unchecked (any strides: the kernel reads them as they are). In a training loop the
+    per-call backend choice and contiguity checks ran 20-50 us a step on a 2-core CPU (Python
+    that is cold there, about 2 us warm), more than a tenth of the loss itself."""
+    if _backend.choose(backend, device, dtype, "dfc_embeddings") == "cpu" and dtype in _backend.CPU_DTYPES:
+        return torch.ops.fairkernels.dfc_loss.default
+    return None
+
+
 def dfc_loss_unchecked(z, centers, groups, num_groups: int, gamma: float, alpha: float, beta: float, target,
                        previous_fairoids, weights_from_q: bool, ridge: float, backend: str):
     """dfc_loss_from_embeddings without its argument checks, for a caller that has validated

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import fairkernels as fk
 from fairkernels import _backend
 from fairkernels.models import StackedAutoencoder
-from fairkernels.ops.dfc_embeddings import RIDGE, dfc_loss_unchecked
+from fairkernels.ops.dfc_embeddings import RIDGE, dfc_loss_kernel, dfc_loss_unchecked
 from fairkernels.reference import LOG_EPS
 from fairkernels.train import matched_centers as matched
 from fairkernels.train.base import Trainer, encode_all, nearest_center
@@ -50,6 +50,7 @@ class StepPlan(NamedTuple):
     cpu_target: bool        # the batch DEC target by the C++ kernel (not under DDP)
     balance: bool           # matched centers with balanced_assignment: the target is balanced per group
     weights_from_q: bool    # centroids_from == "q"
+    loss_kernel: object     # ops.dfc_embeddings.dfc_loss_kernel: the C++ op of the step's loss, or None
 
 
 class DFCTrainer(Trainer):
@@ -188,7 +189,8 @@ class DFCTrainer(Trainer):
             cpu_target = not self.parallel.active and \
                 _backend.choose(cfg.backend, like.device, like.dtype, "dec_batch_target") == "cpu"
             self._step_plan = StepPlan(cfg.target_mode(self._full_X.shape[0]), cpu_target,
-                                       self.matched and cfg.balanced_assignment, cfg.centroids_from == "q")
+                                       self.matched and cfg.balanced_assignment, cfg.centroids_from == "q",
+                                       dfc_loss_kernel(cfg.backend, like.device, like.dtype))
         return self._step_plan
 
     @torch.no_grad()
@@ -227,6 +229,20 @@ class DFCTrainer(Trainer):
         if balance:
             state["batch_offsets"] = offsets
         return target
+
+    def _cpu_batch_targets(self, batches):
+        """_cpu_batch_target of each (q, groups) of batches in turn, in one C++ call (the same
+        values): the lagged targets of a TargetWindow segment, made when it is written back.
+        One call a step ran 2-5x slower between the model's ops than back to back (25-60 us
+        against 10 us on a 2-core CPU, DFC width 0.25), a segment's call about 5 us a batch."""
+        state = self.state
+        balance = self.step_plan(self.mu).balance
+        targets, state["frequency"], offsets = torch.ops.fairkernels.dec_batch_targets(
+            [q for q, _ in batches], [groups for _, groups in batches], state.get("frequency"),
+            state.get("batch_offsets"), self.config.target_momentum, balance, self.num_groups, 200, 1e-6)
+        if balance:
+            state["batch_offsets"] = offsets
+        return targets
 
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
@@ -269,16 +285,26 @@ class DFCTrainer(Trainer):
         # the eq. 12 centroids are fitted to config.centroids_from ("target": the paper's P, "q": Q).
         # (The arguments were validated once, by the config and fit(); the checks would cost a
         # narrow encoder's step about 0.1 ms.)
-        loss, l_cl, l_fr, fairoids, q = dfc_loss_unchecked(
-            z, self.mu, groups, self.num_groups, gamma, cfg.alpha, cfg.beta, target, state.get("fairoids"),
-            plan.weights_from_q, RIDGE, cfg.backend)
+        if plan.loss_kernel is not None:
+            loss, l_cl, l_fr, q, fairoids = plan.loss_kernel(
+                z, self.mu, groups, target, state.get("fairoids"), self.num_groups, cfg.alpha, cfg.beta, gamma, RIDGE,
+                plan.weights_from_q)
+        else:
+            loss, l_cl, l_fr, fairoids, q = dfc_loss_unchecked(
+                z, self.mu, groups, self.num_groups, gamma, cfg.alpha, cfg.beta, target, state.get("fairoids"),
+                plan.weights_from_q, RIDGE, cfg.backend)
         if mode == "lagged":      # the P these rows get at their next visit, one epoch from now
-            new_target = self._cpu_batch_target(q, groups, plan.balance) if plan.cpu_target else \
-                self.batch_target(q, groups)
-            if window is not None:
-                window.write(new_target)
+            # Nothing reads it before then, so with the window it is made when the segment is
+            # written back, for all of the segment's batches in one call (_cpu_batch_targets).
+            if window is not None and plan.cpu_target:
+                window.write_later((q, groups), self._cpu_batch_targets)
             else:
-                state["target"].index_copy_(0, index, new_target)
+                new_target = self._cpu_batch_target(q, groups, plan.balance) if plan.cpu_target else \
+                    self.batch_target(q, groups)
+                if window is not None:
+                    window.write(new_target)
+                else:
+                    state["target"].index_copy_(0, index, new_target)
         terms = {"kl": l_cl}
         if gamma > 0.0:
             self.state["fairoids"] = fairoids
