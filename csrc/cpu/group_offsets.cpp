@@ -15,6 +15,7 @@
 // (fairkernels/train/dfc.py, batch_target).
 #include "kernels.h"
 
+#include <array>
 #include <limits>
 
 #include "common.h"
@@ -270,34 +271,12 @@ void check_batch_state(const std::optional<at::Tensor>& running, const std::opti
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_target(
-    const at::Tensor& q_in, const at::Tensor& groups_in, const std::optional<at::Tensor>& running_in,
-    const std::optional<at::Tensor>& offsets_in, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
+    const at::Tensor& q, const at::Tensor& groups, const std::optional<at::Tensor>& running,
+    const std::optional<at::Tensor>& offsets, double momentum, bool balance, int64_t num_groups, int64_t max_iter,
     double tol) {
-  check_matrix(q_in, "q");
-  const int64_t B = q_in.size(0), K = q_in.size(1), T = num_groups;
-  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1");
-  check_groups(groups_in, B);
-  check_batch_state(running_in, offsets_in, K, T);
-  // Read and written without Tensor::to (common.h, DoubleValues): this runs every training step.
-  const DoubleValues q(q_in);
-  const at::Tensor groups = long_groups(groups_in);
-  const int64_t* g = groups.data_ptr<int64_t>();
-  if (balance) check_group_range(g, B, T);
-  std::vector<double> f(K, 0.0), c(T * K, 0.0), target(B * K);
-  if (running_in.has_value()) {
-    const DoubleValues running(*running_in);
-    std::copy(running.data(), running.data() + K, f.begin());
-  }
-  if (balance && offsets_in.has_value()) {
-    const DoubleValues start(*offsets_in);
-    std::copy(start.data(), start.data() + T * K, c.begin());
-  }
-  batch_target_into(q.data(), g, B, K, T, running_in.has_value(), momentum, balance, offsets_in.has_value(),
-                    max_iter, tol, f.data(), c.data(), target.data());
-  const auto acc = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {tensor_from_doubles(target.data(), {B, K}, q_in.options()),
-          tensor_from_doubles(f.data(), {K}, q_in.options().dtype(acc)),
-          tensor_from_doubles(c.data(), {T, K}, q_in.options().dtype(at::kDouble))};
+  // The list op on one batch: the same checks, the same values.
+  const std::array<at::Tensor, 1> q_list{q}, groups_list{groups};
+  return dec_batch_targets(q_list, groups_list, running, offsets, momentum, balance, num_groups, max_iter, tol);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dec_batch_targets(

@@ -221,28 +221,24 @@ class DFCTrainer(Trainer):
         """batch_target in one C++ call, the balancing included (csrc/cpu/group_offsets.cpp): on
         large sets this runs every step, and as tensor ops it cost more than a narrow encoder's
         step. The balancing starts from the previous batch's offsets (about 10x fewer iterations)."""
-        state = self.state
-        target, state["frequency"], offsets = torch.ops.fairkernels.dec_batch_target(
-            q.detach(), groups if groups is not None else torch.zeros(q.shape[0], dtype=torch.long),
-            state.get("frequency"), state.get("batch_offsets"), self.config.target_momentum, balance,
-            self.num_groups, 200, 1e-6)
-        if balance:
-            state["batch_offsets"] = offsets
-        return target
+        groups = groups if groups is not None else torch.zeros(q.shape[0], dtype=torch.long)
+        return self._cpu_batch_targets([(q.detach(), groups)], balance)
 
-    def _cpu_batch_targets(self, batches):
+    def _cpu_batch_targets(self, batches, balance: bool):
         """_cpu_batch_target of each (q, groups) of batches in turn, in one C++ call (the same
-        values): the lagged targets of a TargetWindow segment, made when it is written back.
+        values): also the lagged targets of a TargetWindow segment, made when it is written back.
         One call a step ran 2-5x slower between the model's ops than back to back (25-60 us
         against 10 us on a 2-core CPU, DFC width 0.25), a segment's call about 5 us a batch."""
         state = self.state
-        balance = self.step_plan(self.mu).balance
         targets, state["frequency"], offsets = torch.ops.fairkernels.dec_batch_targets(
             [q for q, _ in batches], [groups for _, groups in batches], state.get("frequency"),
             state.get("batch_offsets"), self.config.target_momentum, balance, self.num_groups, 200, 1e-6)
         if balance:
             state["batch_offsets"] = offsets
         return targets
+
+    def _segment_targets(self, batches):
+        return self._cpu_batch_targets(batches, self.step_plan(self.mu).balance)
 
     def batch_losses(self, phase, index, x, groups):
         cfg = self.config
@@ -297,7 +293,7 @@ class DFCTrainer(Trainer):
             # Nothing reads it before then, so with the window it is made when the segment is
             # written back, for all of the segment's batches in one call (_cpu_batch_targets).
             if window is not None and plan.cpu_target:
-                window.write_later((q, groups), self._cpu_batch_targets)
+                window.write_later((q, groups), self._segment_targets)
             else:
                 new_target = self._cpu_batch_target(q, groups, plan.balance) if plan.cpu_target else \
                     self.batch_target(q, groups)
