@@ -78,7 +78,7 @@ def _jit_build():
               "on 2 cores, later runs reuse it; pip install --no-build-isolation . compiles them at install "
               "instead, FAIRKERNELS_NO_JIT=1 skips this)", file=sys.stderr, flush=True)
     cpp.load(name=JIT_NAME, sources=_jit_sources(src), build_directory=cache,
-             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++17"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi", "-std=c++17"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
 
 

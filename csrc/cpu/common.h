@@ -28,6 +28,20 @@
 
 namespace fairkernels::cpu {
 
+// Four doubles in one value (GCC/Clang vector extension): a local of this type lives in a
+// register (one ymm in the AVX2 clone, two xmm at baseline), where a local double[8] was kept
+// on the stack and every update went through a store and a reload (dfc_step, group_offsets).
+typedef double Vec4 __attribute__((vector_size(32)));
+
+inline Vec4 load4(const double* p) {
+  Vec4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store4(double* p, Vec4 v) { std::memcpy(p, &v, sizeof(v)); }
+inline Vec4 splat4(double x) { return Vec4{x, x, x, x}; }
+
+
 // Rows are cut into a fixed number of chunks that depends only on the problem size, never on
 // the thread count. Each chunk reduces into its own buffer and the buffers are summed in chunk
 // order, so every reduction is bitwise identical whatever OMP_NUM_THREADS is.

@@ -35,19 +35,6 @@ constexpr int64_t kLanes = 8;
 
 inline int64_t padded(int64_t k) { return (k + kLanes - 1) / kLanes * kLanes; }
 
-// Four doubles in one value (GCC/Clang vector extension): a local of this type lives in a
-// register (one ymm in the AVX2 clone, two xmm at baseline), where a local double[8] was kept
-// on the stack and every update went through a store and a reload.
-typedef double Vec4 __attribute__((vector_size(32)));
-
-inline Vec4 load4(const double* p) {
-  Vec4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store4(double* p, Vec4 v) { std::memcpy(p, &v, sizeof(v)); }
-inline Vec4 splat4(double x) { return Vec4{x, x, x, x}; }
-
 // What both row passes read. Arrays are row-major; centers_t is the centers transposed to
 // [set][d][padded(K)] with zero padding (the lanes past K are computed and dropped).
 struct StepRows {
