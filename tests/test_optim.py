@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from fairkernels.train.optim import LeanAdam, LeanSGD, adam, sgd
+from fairkernels.train.optim import LeanAdam, LeanSGD, adam, loop_steps, sgd
 
 FUSED_CPU = True
 try:
@@ -245,3 +245,36 @@ def test_zero_grad_without_set_to_none_zeroes_in_place():
     assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
     opt.zero_grad()
     assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05, momentum=0.9),
+                                    dict(lr=0.05, momentum=0.5, dampening=0.1, nesterov=False, weight_decay=1e-3)])
+def test_loop_steps_give_the_steps_of_zero_grad_and_step(kwargs):
+    """A training loop's (zero_grad, step) from loop_steps: bitwise the updates of calling the
+    flat LeanSGD's own zero_grad and step, its own step until the momentum exists, the kernel on
+    the flat buffers after; a learning rate changed between steps is followed; Adam gets its own
+    methods."""
+    straight, looped = _params(5), _params(5)
+    a = LeanSGD(straight, fused=True, flat=True, **kwargs)
+    b = LeanSGD(looped, fused=True, flat=True, **kwargs)
+    zero_grad, step = loop_steps(b)
+    for index in range(6):
+        if index == 4:
+            for opt in (a, b):
+                opt.param_groups[0]["lr"] = 0.01
+        a.zero_grad()
+        _backward(straight, index)
+        a.step()
+        zero_grad()
+        assert all(p.grad is not None and not p.grad.any() for p in looped)
+        _backward(looped, index)
+        step()
+        assert (step.__self__.kernel_args is None) == (index == 0)     # bound once the momentum exists
+        for x, y in zip(straight, looped):
+            assert torch.equal(x, y)
+    for p, q in zip(straight, looped):
+        assert torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
+    adam_opt = LeanAdam(_params(6), lr=1e-2, fused=True)
+    assert loop_steps(adam_opt) == (adam_opt.zero_grad, adam_opt.step)
+    plain = LeanSGD(_params(7), lr=0.1, momentum=0.9, fused=True)
+    assert loop_steps(plain) == (plain.zero_grad, plain.step)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from fairkernels.train import checkpoint as ckpt
 from fairkernels.train.config import TrainConfig
 from fairkernels.train.evaluation import count_pairs, label_codes, metrics_from_counts
-from fairkernels.train.optim import adam
+from fairkernels.train.optim import adam, loop_steps
 from fairkernels.train.parallel import Parallel, local_device, wants_distributed
 from fairkernels.train.sync_batchnorm import convert_batch_norm
 
@@ -478,18 +478,21 @@ class Trainer(abc.ABC):
         stream.set_epoch(epoch)
         collected, names = [], None
         progress = self.config.progress and self.parallel.is_rank_zero
+        # This loop owns the model and the optimizer for the epoch: LeanSGD's flat update then
+        # checks its views once, not every step (optim.loop_steps).
+        zero_grad, step = loop_steps(optimizer)
         for index, x, g in tqdm(stream, desc=f"epoch {epoch}", leave=False, disable=not progress,
                                 file=sys.stderr):
             self._ddp_forward_ran = False
             loss, terms = self.batch_losses(phase, index, x, g)
-            optimizer.zero_grad()      # LeanSGD / LeanAdam: without torch's profiler range (optim.py)
+            zero_grad()                # LeanSGD / LeanAdam: without torch's profiler range (optim.py)
             if self.profile:           # the model's in-loop share (benchmarks/bench_train.py)
                 with self.timed("backward"):
                     loss.backward()
             else:
                 loss.backward()
             self._sync_gradients(optimizer)
-            optimizer.step()
+            step()
             # Kept on the device and summed once at the end of the epoch (one stack instead of a
             # few small ops per step, and the host reads the means once).
             collected.extend(value.detach() for value in terms.values())

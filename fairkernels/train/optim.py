@@ -214,6 +214,13 @@ class LeanSGD(_DirectStep, torch.optim.SGD):
                           lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
                           maximize=group["maximize"], is_first_step=False, grad_scale=None, found_inf=None)
 
+    def loop_steps(self):
+        """(zero_grad, step) for one pass of a training loop (see loop_steps below)."""
+        if self._flat is None:
+            return self.zero_grad, self.step
+        loop = _FlatLoop(self)
+        return loop.zero_grad, loop.step
+
     @staticmethod
     def _flags_fast(group) -> bool:
         return bool(group.get("fused")) and not group.get("differentiable") and \
@@ -229,6 +236,57 @@ class LeanSGD(_DirectStep, torch.optim.SGD):
             if momentum is not None:
                 return [flat.flat], [flat.grad], [momentum]
         return _dense_grads(group, self.state, "momentum_buffer")
+
+
+def loop_steps(optimizer):
+    """(zero_grad, step): what a training loop calls every step for one pass over its batches
+    (an epoch), in place of optimizer.zero_grad and optimizer.step.
+
+    The caller promises that until it stops using them nothing but its own backward and these
+    two touches the optimizer's parameters, their gradients and its state (no rebinding, no
+    load_state_dict, no hook registered midway): the epoch loop of a Trainer, which owns its
+    model and optimizer. The flat LeanSGD then checks its views once, at the first step that
+    can take its flat update, and afterwards calls the fused kernel and zeroes the flat
+    gradient directly: the per-step checks (about 10 Python-level reads of each parameter)
+    cost 5-6 us a step warm and several times that between a narrow model's ops. Any other
+    optimizer gets its own zero_grad and step."""
+    if isinstance(optimizer, LeanSGD):
+        return optimizer.loop_steps()
+    return optimizer.zero_grad, optimizer.step
+
+
+class _FlatLoop:
+    """LeanSGD.loop_steps with flat buffers: its own step() (checks included) until the flat
+    path's conditions hold, then the kernel on the flat buffers with the group's settings of that
+    moment (lr read every step, so a scheduler that changes it between steps is followed)."""
+
+    def __init__(self, optimizer: LeanSGD):
+        self.optimizer = optimizer
+        self.kernel_args = None       # (params, grads, momentum) lists once bound
+
+    def zero_grad(self) -> None:
+        if self.kernel_args is None:
+            return self.optimizer.zero_grad()
+        self.kernel_args[1][0].zero_()      # the views stay attached: autograd adds into them in place
+        return None
+
+    def step(self) -> None:
+        optimizer = self.optimizer
+        if self.kernel_args is None:
+            optimizer.step()
+            flat = optimizer._flat
+            if len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["params"] is flat.params and \
+                    optimizer._flags_fast(optimizer.param_groups[0]) and not _hooks_registered(optimizer) and \
+                    flat.bound(optimizer.state):
+                self.group = optimizer.param_groups[0]
+                self.kernel_args = ([flat.flat], [flat.grad], [flat.momentum])
+            return None
+        group = self.group
+        params, grads, momentum = self.kernel_args
+        torch._fused_sgd_(params, grads, momentum, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                          lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                          maximize=group["maximize"], is_first_step=False, grad_scale=None, found_inf=None)
+        return None
 
 
 class LeanAdam(_DirectStep, torch.optim.Adam):
